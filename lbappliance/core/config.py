@@ -1,0 +1,469 @@
+"""Schemas and validation for config.yaml and pools.yaml.
+
+Parsing takes text (never a path to open) so it stays pure; every error names the file,
+the field path and the bad value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .models import AddressRange, IPAddress, LabelRequirement, LabelSelector, Pool
+
+API_VERSION = "lbappliance.io/v1alpha1"
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+IFACE_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
+ABS_PATH = re.compile(r"^/[A-Za-z0-9_./@+-]*$")
+LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+@dataclass(frozen=True)
+class FieldError:
+    file: str
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.path}: {self.message}" if self.path else f"{self.file}: {self.message}"
+
+
+class ConfigError(ValueError):
+    """Input that cannot be used; carries every problem found, not just the first."""
+
+    def __init__(self, errors: Iterable[FieldError]):
+        self.errors = tuple(errors)
+        super().__init__("\n".join(str(e) for e in self.errors))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+
+
+def _absolute_path(value: str) -> str:
+    if not ABS_PATH.match(value):
+        raise ValueError(f"must be an absolute path of [A-Za-z0-9_./@+-], got {value!r}")
+    return value
+
+
+AbsPath = Annotated[str, Field(min_length=1)]
+
+
+class ClusterSettings(_Strict):
+    kubeconfig: AbsPath | None = None
+    load_balancer_class: str | None = Field(default=None, alias="loadBalancerClass")
+    node_address_types: tuple[Literal["InternalIP", "ExternalIP", "Hostname"], ...] = Field(
+        default=("InternalIP", "ExternalIP"), alias="nodeAddressTypes", min_length=1
+    )
+
+    @field_validator("kubeconfig")
+    @classmethod
+    def _kubeconfig_path(cls, v: str | None) -> str | None:
+        return None if v is None else _absolute_path(v)
+
+
+class RouterIds(_Strict):
+    ipv4: int = Field(default=51, ge=1, le=255)
+    ipv6: int = Field(default=52, ge=1, le=255)
+
+
+class VrrpSettings(_Strict):
+    interface: str = "eth0"
+    router_ids: RouterIds = Field(default_factory=RouterIds, alias="routerIds")
+    priority: int = Field(default=100, ge=1, le=254)
+    advert_interval: float = Field(default=0.1, alias="advertInterval", ge=0.01, le=40.0)
+    unicast_src_ip: str | None = Field(default=None, alias="unicastSrcIp")
+    unicast_peers: tuple[str, ...] = Field(default=(), alias="unicastPeers")
+    unicast_src_ip6: str | None = Field(default=None, alias="unicastSrcIp6")
+    unicast_peers6: tuple[str, ...] = Field(default=(), alias="unicastPeers6")
+    nopreempt: bool = True
+    realtime_priority: int | None = Field(default=50, alias="realtimePriority", ge=1, le=99)
+    check_interval: int = Field(default=1, alias="checkIntervalSeconds", ge=1, le=60)
+
+    @field_validator("interface")
+    @classmethod
+    def _iface(cls, v: str) -> str:
+        if not IFACE_NAME.match(v):
+            raise ValueError(f"not a valid interface name: {v!r}")
+        return v
+
+    @field_validator("unicast_src_ip", "unicast_src_ip6")
+    @classmethod
+    def _src(cls, v: str | None) -> str | None:
+        return None if v is None else str(_ip(v))
+
+    @field_validator("unicast_peers", "unicast_peers6")
+    @classmethod
+    def _peers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(str(_ip(p)) for p in v)
+
+    @field_validator("advert_interval")
+    @classmethod
+    def _centiseconds(cls, v: float) -> float:
+        if abs(round(v * 100) - v * 100) > 1e-6:
+            raise ValueError(f"VRRPv3 advertisement interval is in centiseconds, got {v}")
+        return round(v, 2)
+
+
+class HealthCheckConfig(_Strict):
+    interval_ms: int = Field(default=1000, alias="intervalMilliseconds", ge=100, le=60000)
+    fall: int = Field(default=2, ge=1, le=10)
+    rise: int = Field(default=2, ge=1, le=10)
+
+
+class HaproxySettings(_Strict):
+    hard_stop_after: str = Field(default="30s", alias="hardStopAfter", pattern=r"^[0-9]+(ms|s|m|h)$")
+    max_reloads: int = Field(default=50, alias="maxReloads", ge=1)
+    maxconn: int = Field(default=100000, ge=1)
+    timeout_connect: str = Field(default="5s", alias="timeoutConnect", pattern=r"^[0-9]+(ms|s|m|h)$")
+    timeout_client: str = Field(default="1h", alias="timeoutClient", pattern=r"^[0-9]+(ms|s|m|h)$")
+    timeout_server: str = Field(default="1h", alias="timeoutServer", pattern=r"^[0-9]+(ms|s|m|h)$")
+    stats_address: str | None = Field(default="127.0.0.1:8405", alias="statsAddress")
+
+    @field_validator("stats_address")
+    @classmethod
+    def _stats(cls, v: str | None) -> str | None:
+        return None if v is None else _host_port(v)
+
+
+class PathSettings(_Strict):
+    pools: AbsPath = "/etc/lbappliance/pools.yaml"
+    haproxy_config: AbsPath = Field(default="/etc/haproxy/haproxy.cfg", alias="haproxyConfig")
+    keepalived_config: AbsPath = Field(default="/etc/keepalived/keepalived.conf", alias="keepalivedConfig")
+    state_dir: AbsPath = Field(default="/run/lbappliance", alias="stateDir")
+    haproxy_binary: AbsPath = Field(default="/usr/sbin/haproxy", alias="haproxyBinary")
+    keepalived_binary: AbsPath = Field(default="/usr/sbin/keepalived", alias="keepalivedBinary")
+
+    @field_validator("*")
+    @classmethod
+    def _paths(cls, v: str) -> str:
+        return _absolute_path(v)
+
+    @property
+    def runtime_socket(self) -> str:
+        return f"{self.state_dir}/haproxy.sock"
+
+    @property
+    def master_socket(self) -> str:
+        return f"{self.state_dir}/haproxy-master.sock"
+
+    @property
+    def haproxy_pidfile(self) -> str:
+        return f"{self.state_dir}/haproxy.pid"
+
+
+class LeaderElectionSettings(_Strict):
+    namespace: str = "lbappliance-system"
+    lease_name: str = Field(default="lbappliance-leader", alias="leaseName")
+    lease_duration: float = Field(default=15.0, alias="leaseDurationSeconds", gt=0)
+    renew_deadline: float = Field(default=10.0, alias="renewDeadlineSeconds", gt=0)
+    retry_period: float = Field(default=2.0, alias="retryPeriodSeconds", gt=0)
+
+
+class ApplianceConfig(_Strict):
+    api_version: Literal["lbappliance.io/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["ApplianceConfig"] = "ApplianceConfig"
+    name: str = "lbappliance"
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    vrrp: VrrpSettings = Field(default_factory=VrrpSettings)
+    health_check: HealthCheckConfig = Field(default_factory=HealthCheckConfig, alias="healthCheck")
+    haproxy: HaproxySettings = Field(default_factory=HaproxySettings)
+    paths: PathSettings = Field(default_factory=PathSettings)
+    leader_election: LeaderElectionSettings = Field(
+        default_factory=LeaderElectionSettings, alias="leaderElection"
+    )
+    metrics_address: str = Field(default="127.0.0.1:9108", alias="metricsAddress")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not DNS_LABEL.match(v):
+            raise ValueError(f"must be a DNS label (lowercase letters, digits, '-'), got {v!r}")
+        return v
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _metrics(cls, v: str) -> str:
+        return _host_port(v)
+
+    def own_addresses(self) -> tuple[IPAddress, ...]:
+        """The appliance's and its peers' addresses: never to be handed out as VIPs."""
+        v = self.vrrp
+        raw = [v.unicast_src_ip, v.unicast_src_ip6, *v.unicast_peers, *v.unicast_peers6]
+        return tuple(ipaddress.ip_address(a) for a in raw if a)
+
+
+class LabelRequirementSpec(_Strict):
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: tuple[str, ...] = ()
+
+
+class SelectorSpec(_Strict):
+    match_labels: dict[str, str] = Field(default_factory=dict, alias="matchLabels")
+    match_expressions: tuple[LabelRequirementSpec, ...] = Field(default=(), alias="matchExpressions")
+
+
+class ServiceAllocationSpec(_Strict):
+    priority: int | None = Field(default=None, ge=0)
+    namespaces: tuple[str, ...] = ()
+    service_selectors: tuple[SelectorSpec, ...] = Field(default=(), alias="serviceSelectors")
+
+    @field_validator("namespaces")
+    @classmethod
+    def _namespaces(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for ns in v:
+            if not DNS_LABEL.match(ns):
+                raise ValueError(f"not a valid namespace name: {ns!r}")
+        return v
+
+
+class PoolSpec(_Strict):
+    name: str
+    addresses: tuple[str, ...] = Field(min_length=1)
+    auto_assign: bool = Field(default=True, alias="autoAssign")
+    avoid_buggy_ips: bool = Field(default=False, alias="avoidBuggyIPs")
+    service_allocation: ServiceAllocationSpec | None = Field(default=None, alias="serviceAllocation")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not DNS_LABEL.match(v):
+            raise ValueError(f"pool name must be a DNS label (lowercase letters, digits, '-'), got {v!r}")
+        return v
+
+
+class PoolFile(_Strict):
+    api_version: Literal["lbappliance.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["AddressPoolList"]
+    pools: tuple[PoolSpec, ...] = ()
+
+
+def _ip(text: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(text.strip())
+    except ValueError:
+        raise ValueError(f"not an IP address: {text!r}") from None
+
+
+def _host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be ADDRESS:PORT, got {text!r}")
+    _ip(host.strip("[]"))
+    return text
+
+
+def parse_range(text: str) -> AddressRange:
+    """A CIDR (`192.0.2.0/28`) or an inclusive range (`192.0.2.10-192.0.2.20`)."""
+    text = text.strip()
+    if "-" in text:
+        first_text, _, last_text = text.partition("-")
+        first, last = _ip(first_text), _ip(last_text)
+        if first.version != last.version:
+            raise ValueError(f"range {text!r} mixes IPv4 and IPv6")
+        if last < first:
+            raise ValueError(f"range {text!r} is reversed: {last} comes before {first}")
+        return AddressRange(first, last)
+    try:
+        network = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"invalid CIDR {text!r}: {exc}") from None
+    return AddressRange(network.network_address, network.broadcast_address)
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _value_at(data: Any, loc: tuple[Any, ...]) -> tuple[bool, Any]:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return False, None
+    return True, data
+
+
+def _pydantic_errors(file: str, data: Any, exc: ValidationError) -> list[FieldError]:
+    errors = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if p not in ("function-after", "function-before"))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        else:
+            found, value = _value_at(data, loc)
+            if found and err["type"] != "value_error":
+                msg = f"{msg} (got {value!r})"
+        errors.append(FieldError(file, _format_loc(loc), msg))
+    return errors
+
+
+def _load_yaml(file: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([FieldError(file, "", f"not valid YAML: {where}{problem}")]) from None
+
+
+def _as_json(data: Any) -> str:
+    """Validate in JSON mode: strict types, yet YAML lists are accepted as tuples."""
+    return json.dumps(data, default=str)
+
+
+def parse_config(text: str, file: str = "config.yaml") -> ApplianceConfig:
+    data = _load_yaml(file, text)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([FieldError(file, "", f"must be a mapping, got {type(data).__name__}")])
+    try:
+        return ApplianceConfig.model_validate_json(_as_json(data))
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_errors(file, data, exc)) from None
+
+
+def parse_pool_file(text: str, file: str = "pools.yaml") -> PoolFile:
+    return pool_file_from_data(_load_yaml(file, text), file)
+
+
+def pool_file_from_data(data: Any, file: str = "pools.yaml") -> PoolFile:
+    if not isinstance(data, dict):
+        raise ConfigError([FieldError(file, "", "must be a mapping with apiVersion, kind and pools")])
+    try:
+        return PoolFile.model_validate_json(_as_json(data))
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_errors(file, data, exc)) from None
+
+
+def _selector(spec: SelectorSpec, path: str, file: str) -> tuple[LabelSelector, list[FieldError]]:
+    errors = []
+    for key, value in spec.match_labels.items():
+        if not LABEL_KEY.match(key):
+            errors.append(FieldError(file, f"{path}.matchLabels", f"invalid label key {key!r}"))
+        if not LABEL_VALUE.match(value):
+            errors.append(FieldError(file, f"{path}.matchLabels.{key}", f"invalid label value {value!r}"))
+    requirements = []
+    for i, expr in enumerate(spec.match_expressions):
+        needs_values = expr.operator in ("In", "NotIn")
+        if needs_values != bool(expr.values):
+            want = "needs at least one value" if needs_values else "takes no values"
+            errors.append(FieldError(file, f"{path}.matchExpressions[{i}].values", f"{expr.operator} {want}"))
+        requirements.append(LabelRequirement(expr.key, expr.operator, tuple(sorted(expr.values))))
+    selector = LabelSelector(tuple(sorted(spec.match_labels.items())), tuple(requirements))
+    return selector, errors
+
+
+def build_pools(
+    spec: PoolFile, file: str = "pools.yaml", reserved: Iterable[IPAddress] = ()
+) -> tuple[Pool, ...]:
+    """Turn the schema into Pools, rejecting bad ranges, overlaps and reserved addresses."""
+    errors: list[FieldError] = []
+    pools: list[Pool] = []
+    seen_names: dict[str, int] = {}
+    reserved = tuple(reserved)
+    for i, pool_spec in enumerate(spec.pools):
+        base = f"pools[{i}]"
+        if pool_spec.name in seen_names:
+            errors.append(
+                FieldError(file, f"{base}.name", f"duplicate pool name {pool_spec.name!r} "
+                           f"(also pools[{seen_names[pool_spec.name]}])")
+            )
+        seen_names.setdefault(pool_spec.name, i)
+        ranges = []
+        for j, text in enumerate(pool_spec.addresses):
+            try:
+                rng = parse_range(text)
+            except ValueError as exc:
+                errors.append(FieldError(file, f"{base}.addresses[{j}]", str(exc)))
+                continue
+            for address in reserved:
+                if address in rng:
+                    errors.append(FieldError(
+                        file, f"{base}.addresses[{j}]",
+                        f"{text!r} contains {address}, an address of this appliance or its peer",
+                    ))
+            ranges.append(rng)
+        alloc = pool_spec.service_allocation or ServiceAllocationSpec()
+        selectors = []
+        for k, sel in enumerate(alloc.service_selectors):
+            selector, sel_errors = _selector(sel, f"{base}.serviceAllocation.serviceSelectors[{k}]", file)
+            selectors.append(selector)
+            errors.extend(sel_errors)
+        pools.append(Pool(
+            name=pool_spec.name,
+            ranges=tuple(ranges),
+            auto_assign=pool_spec.auto_assign,
+            avoid_buggy_ips=pool_spec.avoid_buggy_ips,
+            priority=alloc.priority,
+            namespaces=tuple(sorted(alloc.namespaces)),
+            service_selectors=tuple(selectors),
+        ))
+    errors.extend(_overlaps(pools, spec, file))
+    if errors:
+        raise ConfigError(errors)
+    return tuple(pools)
+
+
+def _overlaps(pools: list[Pool], spec: PoolFile, file: str) -> list[FieldError]:
+    located = []
+    for i, pool in enumerate(pools):
+        texts = [t for t in spec.pools[i].addresses]
+        for rng in pool.ranges:
+            j = next((n for n, t in enumerate(texts) if _safe_range(t) == rng), 0)
+            located.append((rng.first.version, int(rng.first), int(rng.last), i, j, pool.name))
+    located.sort()
+    errors = []
+    widest: tuple[int, int, int, int, int, str] | None = None  # the earlier range reaching furthest
+    for cur in located:
+        prev = widest
+        if prev is None or prev[0] != cur[0] or cur[2] > prev[2]:
+            widest = cur
+        if prev is not None and prev[0] == cur[0] and cur[1] <= prev[2]:
+            errors.append(FieldError(
+                file, f"pools[{cur[3]}].addresses[{cur[4]}]",
+                f"{spec.pools[cur[3]].addresses[cur[4]]!r} overlaps "
+                f"pools[{prev[3]}].addresses[{prev[4]}] {spec.pools[prev[3]].addresses[prev[4]]!r} "
+                f"(pool {prev[5]!r})",
+            ))
+    return errors
+
+
+def _safe_range(text: str) -> AddressRange | None:
+    try:
+        return parse_range(text)
+    except ValueError:
+        return None
+
+
+def load_pools(text: str, file: str = "pools.yaml", reserved: Iterable[IPAddress] = ()) -> tuple[Pool, ...]:
+    return build_pools(parse_pool_file(text, file), file, reserved)
+
+
+def dump_pool_file(spec: PoolFile) -> str:
+    """Canonical YAML for pools.yaml, as the CLI writes it."""
+    data = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    for pool in data["pools"]:
+        if pool.get("serviceAllocation") is None:
+            pool.pop("serviceAllocation", None)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,300 @@
+"""IPAM: `(pools, services) -> Allocation`, pure and deterministic.
+
+The cluster is the only store of assignments: an address a Service already shows in
+`status.loadBalancer.ingress` is kept while it is still valid, so nothing reshuffles
+when another Service goes away or the appliance restarts. Allocation runs in three
+passes over Services in a fixed order (oldest first): held addresses, then requested
+ones, then automatic picks, so a newer request never displaces an address in use.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .kube import wants_address
+from .models import (
+    ANN_LB_IPS,
+    ANN_POOL,
+    ANN_SHARED,
+    Allocation,
+    Family,
+    IPAddress,
+    Pool,
+    Problem,
+    Reason,
+    Service,
+    family_of,
+)
+
+SHARING_KEY = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+FAMILIES: tuple[Family, ...] = ("IPv4", "IPv6")
+
+
+class IntentError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Intent:
+    """What one Service asks of IPAM, read and validated from its spec and annotations."""
+
+    service: Service
+    families: tuple[Family, ...]
+    required: frozenset[Family]
+    requested: dict[Family, IPAddress]
+    pool: str | None
+    sharing: tuple[str, str] | None
+    ports: frozenset[tuple[str, int]]
+    held: tuple[IPAddress, ...]
+
+
+@dataclass
+class Owner:
+    """Who holds one address in this pass: a sharing key (or none) and the ports in use."""
+
+    sharing: tuple[str, str] | None
+    ports: set[tuple[str, int]]
+    services: list[str]
+
+    def admits_key(self, intent: Intent) -> bool:
+        return self.sharing is not None and self.sharing == intent.sharing
+
+    def admits(self, intent: Intent) -> bool:
+        return self.admits_key(intent) and not (self.ports & intent.ports)
+
+
+@dataclass
+class _State:
+    pools: Sequence[Pool]
+    used: dict[IPAddress, Owner] = field(default_factory=dict)
+    cursors: dict[tuple[str, int], int] = field(default_factory=dict)
+    assigned: dict[str, dict[Family, IPAddress]] = field(default_factory=dict)
+    pool_of: dict[IPAddress, str] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def read_intent(service: Service) -> Intent:
+    """Validate the allocation-related fields of one Service; raise IntentError naming the field."""
+    requested: dict[Family, IPAddress] = {}
+    sources = []
+    if service.load_balancer_ip:
+        sources.append(("spec.loadBalancerIP", service.load_balancer_ip))
+    ann = service.annotations.get(ANN_LB_IPS)
+    if ann is not None:
+        sources.extend((f"annotation {ANN_LB_IPS}", part) for part in ann.split(","))
+    for where, text in sources:
+        try:
+            address = ipaddress.ip_address(text.strip())
+        except ValueError:
+            raise IntentError(f"{where}: {text.strip()!r} is not an IP address") from None
+        family = family_of(address)
+        if family in requested and requested[family] != address:
+            raise IntentError(f"{where}: more than one {family} address requested "
+                              f"({requested[family]} and {address})")
+        requested[family] = address
+    sharing = None
+    if ANN_SHARED in service.annotations:
+        key = service.annotations[ANN_SHARED]
+        if not SHARING_KEY.match(key):
+            raise IntentError(f"annotation {ANN_SHARED}: {key!r} is not a valid sharing key "
+                              "(letters, digits, '-', '_', '.'; at most 63)")
+        sharing = (service.namespace, key)
+    families = _families(service, requested)
+    required = frozenset(families if service.ip_family_policy == "RequireDualStack" else families[:1])
+    for family in requested:
+        if family not in families:
+            raise IntentError(f"requested {family} address {requested[family]} but the Service's "
+                              f"ipFamilies are {list(families)}")
+    held = []
+    for text in service.ingress_ips:
+        try:
+            held.append(ipaddress.ip_address(text))
+        except ValueError:
+            continue
+    return Intent(
+        service=service,
+        families=families,
+        required=required,
+        requested=requested,
+        pool=service.annotations.get(ANN_POOL),
+        sharing=sharing,
+        ports=frozenset((p.protocol, p.port) for p in service.ports),
+        held=tuple(held),
+    )
+
+
+def _families(service: Service, requested: dict[Family, IPAddress]) -> tuple[Family, ...]:
+    listed = tuple(f for f in service.ip_families if f in FAMILIES)
+    if not listed:
+        listed = tuple(f for f in FAMILIES if f in requested) or ("IPv4",)
+    if service.ip_family_policy == "SingleStack":
+        return listed[:1]
+    return listed
+
+
+def allocate(
+    pools: Sequence[Pool], services: Iterable[Service], load_balancer_class: str | None = None
+) -> Allocation:
+    state = _State(pools=sorted(pools, key=Pool.order_key))
+    intents: list[Intent] = []
+    for service in sorted((s for s in services if wants_address(s, load_balancer_class)),
+                          key=Service.sort_key):
+        try:
+            intents.append(read_intent(service))
+        except IntentError as exc:
+            state.problems.append(Problem(service.key, Reason.INVALID, str(exc)))
+    known = {p.name for p in pools}
+    usable = []
+    for intent in intents:
+        if intent.pool is not None and intent.pool not in known:
+            state.problems.append(Problem(intent.service.key, Reason.ALLOCATION_FAILED,
+                                          f"annotation {ANN_POOL}: no pool named {intent.pool!r}"))
+            continue
+        usable.append(intent)
+        state.assigned[intent.service.key] = {}
+    for intent in usable:
+        _keep_held(state, intent)
+    for intent in usable:
+        _take_requested(state, intent)
+    for intent in usable:
+        _pick_automatic(state, intent)
+    assignments = {}
+    for intent in usable:
+        got = state.assigned[intent.service.key]
+        missing = sorted(intent.required - got.keys())
+        if missing:
+            for address in got.values():
+                _release(state, intent, address)
+            continue
+        assignments[intent.service.key] = tuple(str(got[f]) for f in intent.families if f in got)
+    pool_of = {str(a): p for a, p in state.pool_of.items() if a in state.used}
+    return Allocation(assignments=assignments, pool_of=pool_of, problems=tuple(sorted(state.problems)))
+
+
+def _admitting_pool(state: _State, intent: Intent, address: IPAddress) -> Pool | None:
+    """The pool this address is in, if that pool may serve this Service."""
+    for pool in state.pools:
+        if pool.contains(address):
+            if intent.pool is not None:
+                return pool if pool.name == intent.pool else None
+            return pool if pool.admits(intent.service) else None
+    return None
+
+
+def _claim(state: _State, intent: Intent, address: IPAddress, pool: Pool) -> None:
+    owner = state.used.get(address)
+    if owner is None:
+        state.used[address] = Owner(intent.sharing, set(intent.ports), [intent.service.key])
+    else:
+        owner.ports |= intent.ports
+        owner.services.append(intent.service.key)
+    state.pool_of[address] = pool.name
+    state.assigned[intent.service.key][family_of(address)] = address
+
+
+def _release(state: _State, intent: Intent, address: IPAddress) -> None:
+    owner = state.used[address]
+    owner.services.remove(intent.service.key)
+    owner.ports -= intent.ports
+    if not owner.services:
+        del state.used[address]
+
+
+def _usable(state: _State, intent: Intent, address: IPAddress) -> tuple[Pool | None, str]:
+    pool = _admitting_pool(state, intent, address)
+    if pool is None:
+        where = f"pool {intent.pool!r}" if intent.pool else "any pool that admits this Service"
+        return None, f"{address} is not in {where}"
+    owner = state.used.get(address)
+    if owner is not None and not owner.admits(intent):
+        why = "without a matching sharing key" if not owner.admits_key(intent) else "with a port clash"
+        return None, f"{address} is already used by {', '.join(owner.services)} {why}"
+    return pool, ""
+
+
+def _keep_held(state: _State, intent: Intent) -> None:
+    for address in intent.held:
+        family = family_of(address)
+        if family not in intent.families or family in state.assigned[intent.service.key]:
+            continue
+        if intent.requested.get(family, address) != address:
+            continue
+        pool, _ = _usable(state, intent, address)
+        if pool is not None:
+            _claim(state, intent, address, pool)
+
+
+def _take_requested(state: _State, intent: Intent) -> None:
+    for family, address in sorted(intent.requested.items()):
+        if family in state.assigned[intent.service.key]:
+            continue
+        pool, why = _usable(state, intent, address)
+        if pool is None:
+            state.problems.append(Problem(intent.service.key, Reason.ALLOCATION_FAILED,
+                                          f"requested address {why}"))
+            continue
+        _claim(state, intent, address, pool)
+
+
+def _pick_automatic(state: _State, intent: Intent) -> None:
+    got = state.assigned[intent.service.key]
+    for family in intent.families:
+        if family in got or family in intent.requested:
+            continue
+        address, pool = _shared_address(state, intent, family) or _free_address(state, intent, family)
+        if address is None or pool is None:
+            if family in intent.required:
+                state.problems.append(Problem(intent.service.key, Reason.ALLOCATION_FAILED,
+                                              f"no free {family} address in {_pool_scope(intent)}"))
+            continue
+        _claim(state, intent, address, pool)
+
+
+def _pool_scope(intent: Intent) -> str:
+    return f"pool {intent.pool!r}" if intent.pool else "the pools that admit this Service"
+
+
+def _shared_address(state: _State, intent: Intent, family: Family) -> tuple[IPAddress, Pool] | None:
+    if intent.sharing is None:
+        return None
+    for address in sorted(a for a, o in state.used.items() if o.sharing == intent.sharing):
+        if family_of(address) != family:
+            continue
+        pool, _ = _usable(state, intent, address)
+        if pool is not None:
+            return address, pool
+    return None
+
+
+def _candidate_pools(state: _State, intent: Intent) -> list[Pool]:
+    if intent.pool is not None:
+        return [p for p in state.pools if p.name == intent.pool]
+    return [p for p in state.pools if p.auto_assign and p.admits(intent.service)]
+
+
+def _free_address(state: _State, intent: Intent, family: Family) -> tuple[IPAddress | None, Pool | None]:
+    for pool in _candidate_pools(state, intent):
+        for index, rng in enumerate(pool.ranges):
+            if rng.family != family:
+                continue
+            start = state.cursors.get((pool.name, index), int(rng.first))
+            first_type = type(rng.first)
+            value = start
+            last = int(rng.last)
+            while value <= last:
+                address = first_type(value)
+                if address not in state.used and not (pool.avoid_buggy_ips and _buggy(address)):
+                    state.cursors[(pool.name, index)] = value + 1
+                    return address, pool
+                value += 1
+            state.cursors[(pool.name, index)] = value
+    return None, None
+
+
+def _buggy(address: IPAddress) -> bool:
+    """Addresses ending in .0 or .255, which some old client stacks mistake for broadcast."""
+    return address.version == 4 and (int(address) & 0xFF) in (0, 0xFF)
+

@@ -1,0 +1,255 @@
+"""Immutable values that flow through the pure core: snapshot in, desired state out."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Literal
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Family = Literal["IPv4", "IPv6"]
+
+FINALIZER = "service.kubernetes.io/load-balancer-cleanup"
+ANNOTATION_PREFIX = "lbappliance.io/"
+ANN_LB_IPS = ANNOTATION_PREFIX + "load-balancer-ips"
+ANN_POOL = ANNOTATION_PREFIX + "pool"
+ANN_SHARED = ANNOTATION_PREFIX + "allow-shared-ip"
+ANN_PROXY = ANNOTATION_PREFIX + "proxy-protocol"
+LABEL_EXCLUDE = "node.kubernetes.io/exclude-from-external-load-balancers"
+TAINT_AUTOSCALER_DELETE = "ToBeDeletedByClusterAutoscaler"
+KUBE_PROXY_HEALTH_PORT = 10256
+
+
+def family_of(address: IPAddress) -> Family:
+    return "IPv4" if address.version == 4 else "IPv6"
+
+
+class Reason(StrEnum):
+    """Event reasons the daemon publishes; the core only names them."""
+
+    ALLOCATED = "IPAllocated"
+    ALLOCATION_FAILED = "AllocationFailed"
+    INVALID = "InvalidConfiguration"
+    RELEASED = "IPReleased"
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    """Why one Service (or one part of it) is not served; never an exception."""
+
+    service: str
+    reason: Reason
+    message: str
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    name: str
+    protocol: str
+    port: int
+    node_port: int | None
+
+
+@dataclass(frozen=True)
+class Service:
+    """The fields of a Kubernetes Service the appliance acts on, already type-checked."""
+
+    namespace: str
+    name: str
+    uid: str = ""
+    creation: str = ""
+    type: str = "LoadBalancer"
+    load_balancer_class: str | None = None
+    ports: tuple[ServicePort, ...] = ()
+    external_traffic_policy: str = "Cluster"
+    health_check_node_port: int | None = None
+    source_ranges: tuple[str, ...] = ()
+    session_affinity: str = "None"
+    affinity_timeout: int = 10800
+    ip_families: tuple[str, ...] = ()
+    ip_family_policy: str = "SingleStack"
+    allocate_node_ports: bool = True
+    load_balancer_ip: str | None = None
+    annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    ingress_ips: tuple[str, ...] = ()
+    deleting: bool = False
+    finalizers: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def sort_key(self) -> tuple[str, str, str]:
+        """Older Services win contested addresses; names break ties deterministically."""
+        return (self.creation, self.namespace, self.name)
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    addresses: tuple[tuple[str, str], ...] = ()  # (type, address)
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    taints: tuple[str, ...] = ()
+    deleting: bool = False
+
+
+@dataclass(frozen=True)
+class AddressRange:
+    first: IPAddress
+    last: IPAddress
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.first)
+
+    @property
+    def size(self) -> int:
+        return int(self.last) - int(self.first) + 1
+
+    def __contains__(self, address: object) -> bool:
+        return (
+            isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address)
+            and address.version == self.first.version
+            and self.first <= address <= self.last
+        )
+
+    def __str__(self) -> str:
+        return f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True)
+class LabelRequirement:
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: tuple[str, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        present = self.key in labels
+        if self.operator == "Exists":
+            return present
+        if self.operator == "DoesNotExist":
+            return not present
+        if self.operator == "In":
+            return present and labels[self.key] in self.values
+        return not present or labels[self.key] not in self.values
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    match_labels: tuple[tuple[str, str], ...] = ()
+    match_expressions: tuple[LabelRequirement, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.match_labels) and all(
+            r.matches(labels) for r in self.match_expressions
+        )
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    ranges: tuple[AddressRange, ...]
+    auto_assign: bool = True
+    avoid_buggy_ips: bool = False
+    priority: int | None = None
+    namespaces: tuple[str, ...] = ()
+    service_selectors: tuple[LabelSelector, ...] = ()
+
+    def admits(self, service: Service) -> bool:
+        """Whether serviceAllocation lets this Service draw from the pool at all."""
+        if self.namespaces and service.namespace not in self.namespaces:
+            return False
+        return not self.service_selectors or any(s.matches(service.labels) for s in self.service_selectors)
+
+    def contains(self, address: IPAddress) -> bool:
+        return any(address in r for r in self.ranges)
+
+    def order_key(self) -> tuple[int, int, str]:
+        """Pools with a priority come first (lower number first), then by name."""
+        return (0 if self.priority is not None else 1, self.priority or 0, self.name)
+
+    def size(self, family: Family | None = None) -> int:
+        return sum(r.size for r in self.ranges if family is None or r.family == family)
+
+
+@dataclass(frozen=True)
+class HealthCheckSettings:
+    interval_ms: int = 2000
+    fall: int = 2
+    rise: int = 2
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """IPAM's answer: addresses per Service key, the pool each address came from, problems."""
+
+    assignments: Mapping[str, tuple[str, ...]]
+    pool_of: Mapping[str, str]
+    problems: tuple[Problem, ...] = ()
+
+
+@dataclass(frozen=True, order=True)
+class Server:
+    name: str
+    address: str
+    port: int
+    check_port: int
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    servers: tuple[Server, ...]
+    check_path: str
+    proxy_protocol: str | None
+    affinity_timeout: int | None
+    family: Family
+
+
+@dataclass(frozen=True)
+class Frontend:
+    name: str
+    service: str
+    vip: str
+    port: int
+    protocol: str
+    source_ranges: tuple[str, ...]
+    backend: Backend
+
+    @property
+    def bind(self) -> str:
+        return f"[{self.vip}]:{self.port}" if ":" in self.vip else f"{self.vip}:{self.port}"
+
+
+@dataclass(frozen=True)
+class VrrpInstance:
+    name: str
+    family: Family
+    router_id: int
+    vips: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """Everything the data plane should serve, derived from one snapshot."""
+
+    frontends: tuple[Frontend, ...]
+    vrrp: tuple[VrrpInstance, ...]
+    served: Mapping[str, tuple[str, ...]]  # service key -> VIPs it is served on
+    problems: tuple[Problem, ...] = ()
+
+    @property
+    def vips(self) -> tuple[str, ...]:
+        return tuple(sorted({f.vip for f in self.frontends}, key=_address_sort_key))
+
+
+def _address_sort_key(address: str) -> tuple[int, int]:
+    parsed = ipaddress.ip_address(address)
+    return (parsed.version, int(parsed))
+
+
+def address_sort_key(address: str) -> tuple[int, int]:
+    return _address_sort_key(address)

@@ -1,0 +1,90 @@
+"""DesiredState -> haproxy.cfg and keepalived.conf text. Pure and byte-stable."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from functools import cache
+
+import jinja2
+
+from .config import ApplianceConfig
+from .models import Backend, DesiredState, Server, VrrpInstance
+
+MAX_ADVERTISED_VIPS = 20  # keepalived advises at most 20 per advert; the rest go in _excluded
+
+
+@dataclass(frozen=True)
+class RenderedConfigs:
+    haproxy: str
+    keepalived: str
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("lbappliance", "templates"),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["server_address"] = server_address
+    env.globals["server_options"] = server_options
+    return env
+
+
+def server_address(server: Server) -> str:
+    if ":" in server.address:
+        return f"[{server.address}]:{server.port}"
+    return f"{server.address}:{server.port}"
+
+
+def server_options(backend: Backend, server: Server) -> str:
+    """The option string of one server line; the runtime API `add server` uses the same."""
+    options = ["check", "port", str(server.check_port)]
+    if backend.proxy_protocol:
+        options.append(backend.proxy_protocol)
+    return " ".join(options)
+
+
+def check_script(config: ApplianceConfig) -> str:
+    """VRRP gives up VIPs when this box's HAProxy master is gone."""
+    pidfile = shlex.quote(config.paths.haproxy_pidfile)
+    return f"/bin/sh -c 'kill -0 $(cat {pidfile})'"
+
+
+def notify_script(config: ApplianceConfig) -> str:
+    """Record each instance's VRRP state in a file the daemon and `status` read."""
+    state_dir = config.paths.state_dir
+    return (f"/bin/sh -c 'echo $3 > {state_dir}/vrrp-$2.state.tmp && "
+            f"mv {state_dir}/vrrp-$2.state.tmp {state_dir}/vrrp-$2.state' notify")
+
+
+def split_vips(instance: VrrpInstance) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return instance.vips[:MAX_ADVERTISED_VIPS], instance.vips[MAX_ADVERTISED_VIPS:]
+
+
+def render_haproxy(state: DesiredState, config: ApplianceConfig) -> str:
+    return _environment().get_template("haproxy.cfg.j2").render(
+        frontends=state.frontends,
+        paths=config.paths,
+        haproxy=config.haproxy,
+        health=config.health_check,
+    )
+
+
+def render_keepalived(state: DesiredState, config: ApplianceConfig) -> str:
+    return _environment().get_template("keepalived.conf.j2").render(
+        name=config.name,
+        vrrp=config.vrrp,
+        instances=state.vrrp,
+        split_vips=split_vips,
+        check_script=check_script(config),
+        notify_script=notify_script(config),
+    )
+
+
+def render(state: DesiredState, config: ApplianceConfig) -> RenderedConfigs:
+    return RenderedConfigs(render_haproxy(state, config), render_keepalived(state, config))

@@ -1,0 +1,44 @@
+"""Check candidate configs with the real binaries before anything replaces a running one."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    output: str
+
+
+def _run(argv: list[str], timeout: float = 60.0) -> Verdict:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Verdict(False, f"{argv[0]}: {exc}")
+    return Verdict(done.returncode == 0, (done.stdout + done.stderr).strip())
+
+
+def find_binary(configured: str, name: str) -> str | None:
+    return configured if Path(configured).exists() else shutil.which(name)
+
+
+def check_haproxy(path: Path, binary: str = "/usr/sbin/haproxy") -> Verdict:
+    """`haproxy -c` parses and resolves references; it does not bind (see dataplane notes)."""
+    found = find_binary(binary, "haproxy")
+    if found is None:
+        return Verdict(False, "haproxy binary not found")
+    return _run([found, "-c", "-q", "-f", str(path)])
+
+
+def check_keepalived(path: Path, binary: str = "/usr/sbin/keepalived") -> Verdict:
+    found = find_binary(binary, "keepalived")
+    if found is None:
+        return Verdict(False, "keepalived binary not found")
+    verdict = _run([found, "-t", "-l", "-D", "-f", str(path)])
+    # keepalived -t exits 0 on some config problems and only logs them; treat any complaint as fatal.
+    complaint = any(word in verdict.output.lower() for word in ("invalid", "unknown", "error", "ignoring"))
+    return Verdict(verdict.ok and not complaint, verdict.output)
