@@ -9,7 +9,6 @@ ones, then automatic picks, so a newer request never displaces an address in use
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from .models import (
     Reason,
     Service,
     family_of,
+    parse_address,
 )
 
 SHARING_KEY = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
@@ -87,7 +87,7 @@ def read_intent(service: Service) -> Intent:
         sources.extend((f"annotation {ANN_LB_IPS}", part) for part in ann.split(","))
     for where, text in sources:
         try:
-            address = ipaddress.ip_address(text.strip())
+            address = parse_address(text.strip())
         except ValueError:
             raise IntentError(f"{where}: {text.strip()!r} is not an IP address") from None
         family = family_of(address)
@@ -111,7 +111,7 @@ def read_intent(service: Service) -> Intent:
     held = []
     for text in service.ingress_ips:
         try:
-            held.append(ipaddress.ip_address(text))
+            held.append(parse_address(text))
         except ValueError:
             continue
     return Intent(
@@ -260,7 +260,8 @@ def _pool_scope(intent: Intent) -> str:
 def _shared_address(state: _State, intent: Intent, family: Family) -> tuple[IPAddress, Pool] | None:
     if intent.sharing is None:
         return None
-    for address in sorted(a for a, o in state.used.items() if o.sharing == intent.sharing):
+    shared = (a for a, o in state.used.items() if o.sharing == intent.sharing)
+    for address in sorted(shared, key=lambda a: (a.version, int(a))):
         if family_of(address) != family:
             continue
         pool, _ = _usable(state, intent, address)

@@ -6,6 +6,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property, lru_cache
 from typing import Literal
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -20,6 +21,12 @@ ANN_PROXY = ANNOTATION_PREFIX + "proxy-protocol"
 LABEL_EXCLUDE = "node.kubernetes.io/exclude-from-external-load-balancers"
 TAINT_AUTOSCALER_DELETE = "ToBeDeletedByClusterAutoscaler"
 KUBE_PROXY_HEALTH_PORT = 10256
+
+
+@lru_cache(maxsize=1 << 16)
+def parse_address(text: str) -> IPAddress:
+    """ipaddress.ip_address, memoised: every reconcile pass re-reads the same addresses."""
+    return ipaddress.ip_address(text)
 
 
 def family_of(address: IPAddress) -> Family:
@@ -78,7 +85,7 @@ class Service:
     deleting: bool = False
     finalizers: tuple[str, ...] = ()
 
-    @property
+    @cached_property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
@@ -109,12 +116,15 @@ class AddressRange:
     def size(self) -> int:
         return int(self.last) - int(self.first) + 1
 
+    @cached_property
+    def bounds(self) -> tuple[int, int, int]:
+        return self.first.version, int(self.first), int(self.last)
+
     def __contains__(self, address: object) -> bool:
-        return (
-            isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address)
-            and address.version == self.first.version
-            and self.first <= address <= self.last
-        )
+        if not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            return False
+        version, low, high = self.bounds
+        return address.version == version and low <= int(address) <= high
 
     def __str__(self) -> str:
         return f"{self.first}-{self.last}"
@@ -193,16 +203,18 @@ class Allocation:
 
 @dataclass(frozen=True, order=True)
 class Server:
+    """One eligible node as a backend target; shared by every backend of its address family."""
+
     name: str
     address: str
-    port: int
-    check_port: int
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
     servers: tuple[Server, ...]
+    port: int  # the nodePort every server listens on
+    check_port: int
     check_path: str
     proxy_protocol: str | None
     affinity_timeout: int | None
@@ -247,7 +259,7 @@ class DesiredState:
 
 
 def _address_sort_key(address: str) -> tuple[int, int]:
-    parsed = ipaddress.ip_address(address)
+    parsed = parse_address(address)
     return (parsed.version, int(parsed))
 
 

@@ -33,6 +33,7 @@ from .models import (
     VrrpInstance,
     address_sort_key,
     family_of,
+    parse_address,
 )
 
 PROXY_PROTOCOLS = {"v1": "send-proxy", "v2": "send-proxy-v2"}
@@ -97,7 +98,7 @@ def _proxy_name(service: Service, port: ServicePort, family: Family) -> str:
 
 
 def plan_service(
-    service: Service, vips: Sequence[str], nodes: Sequence[Node], config: ApplianceConfig
+    service: Service, vips: Sequence[str], targets: Mapping[Family, tuple[Server, ...]]
 ) -> tuple[list[Frontend], list[Problem]]:
     """Frontends for one Service on its VIPs, or the problems that stop it being served."""
     problems: list[Problem] = []
@@ -121,23 +122,18 @@ def plan_service(
     for message in port_problems:
         problem(message)
     check_port = (service.health_check_node_port if service.external_traffic_policy == "Local"
-                  else KUBE_PROXY_HEALTH_PORT)
+                  else KUBE_PROXY_HEALTH_PORT) or 0
     affinity = service.affinity_timeout if service.session_affinity == "ClientIP" else None
-    preference = config.cluster.node_address_types
-    eligible = sorted((n for n in nodes if node_is_eligible(n)), key=lambda n: n.name)
     frontends = []
     for vip in vips:
-        family = family_of(ipaddress.ip_address(vip))
+        family = family_of(parse_address(vip))
         for port in ports:
             name = _proxy_name(service, port, family)
-            servers = []
-            for node in eligible:
-                address = node_address(node, family, preference)
-                if address is not None and port.node_port is not None:
-                    servers.append(Server(node.name, address, port.node_port, check_port or 0))
             backend = Backend(
                 name=f"be_{name}",
-                servers=tuple(servers),
+                servers=targets[family],
+                port=port.node_port or 0,
+                check_port=check_port,
                 check_path="/healthz",
                 proxy_protocol=PROXY_PROTOCOLS.get(proxy or ""),
                 affinity_timeout=affinity,
@@ -147,11 +143,25 @@ def plan_service(
     return frontends, problems
 
 
+def backend_targets(nodes: Sequence[Node], preference: Sequence[str]) -> dict[Family, tuple[Server, ...]]:
+    """Eligible nodes per VIP family, computed once per pass and shared by every backend."""
+    eligible = sorted((n for n in nodes if node_is_eligible(n)), key=lambda n: n.name)
+    out: dict[Family, tuple[Server, ...]] = {}
+    for family in ("IPv4", "IPv6"):
+        servers = []
+        for node in eligible:
+            address = node_address(node, family, preference)
+            if address is not None:
+                servers.append(Server(node.name, address))
+        out[family] = tuple(servers)
+    return out
+
+
 def vrrp_instances(vips: Iterable[str], config: ApplianceConfig) -> tuple[VrrpInstance, ...]:
     """One VRRP instance per address family that has VIPs."""
     by_family: dict[Family, list[str]] = {"IPv4": [], "IPv6": []}
     for vip in vips:
-        by_family[family_of(ipaddress.ip_address(vip))].append(vip)
+        by_family[family_of(parse_address(vip))].append(vip)
     ids = {"IPv4": config.vrrp.router_ids.ipv4, "IPv6": config.vrrp.router_ids.ipv6}
     return tuple(
         VrrpInstance(f"VI_{config.name}_{'v4' if f == 'IPv4' else 'v6'}".replace("-", "_"), f, ids[f],
@@ -165,10 +175,11 @@ def plan(snapshot: Snapshot, allocation: Allocation) -> DesiredState:
     problems = list(allocation.problems)
     frontends: list[Frontend] = []
     served: dict[str, tuple[str, ...]] = {}
+    targets = backend_targets(snapshot.nodes, snapshot.config.cluster.node_address_types)
     for key in sorted(allocation.assignments):
         service = services[key]
         vips = allocation.assignments[key]
-        service_frontends, service_problems = plan_service(service, vips, snapshot.nodes, snapshot.config)
+        service_frontends, service_problems = plan_service(service, vips, targets)
         problems.extend(service_problems)
         if service_frontends:
             frontends.extend(service_frontends)

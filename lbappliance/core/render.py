@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -30,23 +31,39 @@ def _environment() -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,
     )
-    env.filters["server_address"] = server_address
-    env.globals["server_options"] = server_options
     return env
 
 
-def server_address(server: Server) -> str:
-    if ":" in server.address:
-        return f"[{server.address}]:{server.port}"
-    return f"{server.address}:{server.port}"
-
-
-def server_options(backend: Backend, server: Server) -> str:
-    """The option string of one server line; the runtime API `add server` uses the same."""
-    options = ["check", "port", str(server.check_port)]
+def server_options(backend: Backend) -> str:
+    """The option string of every server line of a backend; the runtime API `add server` uses it too."""
+    options = ["check", "port", str(backend.check_port)]
     if backend.proxy_protocol:
         options.append(backend.proxy_protocol)
     return " ".join(options)
+
+
+def server_target(server: Server, port: int) -> str:
+    return f"[{server.address}]:{port}" if ":" in server.address else f"{server.address}:{port}"
+
+
+def server_line(backend: Backend, server: Server) -> str:
+    return f"server {server.name} {server_target(server, backend.port)} {server_options(backend)}"
+
+
+def _server_lines_renderer() -> Callable[[Backend], str]:
+    """Server blocks differ only by nodePort, so build each shared block once per render."""
+    blocks: dict[tuple[int, str], str] = {}
+
+    def server_lines(backend: Backend) -> str:
+        options = server_options(backend)
+        key = (id(backend.servers), options)
+        block = blocks.get(key)
+        if block is None:
+            block = "".join(f"    server {s.name} {server_target(s, 0)[:-1]}\0 {options}\n" for s in backend.servers)
+            blocks[key] = block
+        return block.replace("\0", str(backend.port))
+
+    return server_lines
 
 
 def check_script(config: ApplianceConfig) -> str:
@@ -69,6 +86,7 @@ def split_vips(instance: VrrpInstance) -> tuple[tuple[str, ...], tuple[str, ...]
 def render_haproxy(state: DesiredState, config: ApplianceConfig) -> str:
     return _environment().get_template("haproxy.cfg.j2").render(
         frontends=state.frontends,
+        server_lines=_server_lines_renderer(),
         paths=config.paths,
         haproxy=config.haproxy,
         health=config.health_check,

@@ -766,9 +766,7 @@ class NetworkLab:
         if not self.state_dir.exists():
             return
         lines = [
-            json.dumps(
-                {"pid": t.proc.pid, "starttime": t.starttime, "netns": self._netns(t.host), "argv": t.argv}
-            )
+            json.dumps({"pid": t.proc.pid, "starttime": t.starttime, "netns": self._netns(t.host), "argv": t.argv})
             for t in self._tracked
             if t.host == SWITCH or t.host in self.hosts
         ]
@@ -810,16 +808,22 @@ class NetworkLab:
     def serve_nodeports(self, ports: Iterable[int], nodes: Iterable[str | LabHost] | None = None) -> None:
         """Answer every HTTP request on these ports with ``"<nodename>\\n"`` (adds to earlier ports).
 
-        A real haproxy per node (re)starts with the union of all ports asked for so far, so
-        benchmarks through the appliance measure HAProxy, not a Python responder.
+        A real haproxy per node, so benchmarks through the appliance measure HAProxy, not a
+        Python responder.  It restarts (with the union of all ports so far) only when a port is
+        new, so calling this again with known ports is cheap and causes no gap.
         """
         self._require_up()
         haproxy = shutil.which("haproxy")
         if haproxy is None:
             raise LabError("serve_nodeports needs the haproxy binary")
+        ports = set(ports)
         for h in self._target_nodes(nodes):
-            self._nodeports.setdefault(h.name, set()).update(ports)
-            all_ports = sorted(self._nodeports[h.name])
+            current = self._nodeports.setdefault(h.name, set())
+            running = self._responders.get(h.name)
+            if ports <= current and running is not None and running.poll() is None:
+                continue  # already serving all of them: no restart, no gap
+            current.update(ports)
+            all_ports = sorted(current)
             cfg = self.workdir / h.name / "responder.cfg"
             cfg.parent.mkdir(parents=True, exist_ok=True)
             cfg.write_text(_responder_config(h.name, all_ports))
@@ -831,14 +835,26 @@ class NetworkLab:
             self._responders[h.name] = proc
             self._wait_listening(h, all_ports, proc, f"{h.name}-responder")
 
-    def serve_health_ports(
-        self, ports: Iterable[int] = (), nodes: Iterable[str | LabHost] | None = None
-    ) -> None:
-        """Serve ``/healthz`` on 10256 plus these ports (adds to earlier ones), 200 unless switched off."""
+    def stop_nodeports(self, nodes: Iterable[str | LabHost] | None = None) -> None:
+        """Stop the responders (the node's NodePorts then refuse connections) and forget their ports."""
         self._require_up()
         for h in self._target_nodes(nodes):
-            self._health_ports.setdefault(h.name, {KUBE_PROXY_HEALTH_PORT}).update(ports)
-            all_ports = sorted(self._health_ports[h.name])
+            proc = self._responders.pop(h.name, None)
+            if proc is not None:
+                self.stop(proc)
+            self._nodeports.pop(h.name, None)
+
+    def serve_health_ports(self, ports: Iterable[int] = (), nodes: Iterable[str | LabHost] | None = None) -> None:
+        """Serve ``/healthz`` on 10256 plus these ports (adds to earlier ones), 200 unless switched off."""
+        self._require_up()
+        ports = set(ports)
+        for h in self._target_nodes(nodes):
+            current = self._health_ports.setdefault(h.name, {KUBE_PROXY_HEALTH_PORT})
+            running = self._healthservers.get(h.name)
+            if ports <= current and running is not None and running.poll() is None:
+                continue  # already serving all of them
+            current.update(ports)
+            all_ports = sorted(current)
             self.health_state_dir(h).mkdir(parents=True, exist_ok=True)
             old = self._healthservers.pop(h.name, None)
             if old is not None:

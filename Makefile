@@ -1,0 +1,31 @@
+# The README's two commands are `make lab` and `make test`; both set the machine up first.
+CACHE ?= $(HOME)/.cache/lbappliance
+VENV  ?= $(CACHE)/venv
+PY    := $(VENV)/bin/python
+
+.PHONY: setup test unit lint lab golden bench
+
+setup:
+	bash scripts/setup.sh
+
+test: setup
+	$(VENV)/bin/ruff check lbappliance tests bench
+	$(PY) -m pytest -q
+
+unit:
+	$(PY) -m pytest -q tests/unit
+
+lint:
+	$(VENV)/bin/ruff check lbappliance tests bench
+
+golden:
+	$(PY) -m pytest -q tests/unit/test_render_golden.py --update-golden
+	git diff --stat tests/golden
+
+lab: setup
+	$(VENV)/bin/lbappliance render --services examples/offline/services.yaml --nodes examples/offline/nodes.yaml \
+		--config examples/offline/config.yaml --pools examples/offline/pools.yaml --out /tmp/lbappliance-render
+	@echo; cat /tmp/lbappliance-render/haproxy.cfg
+
+bench:
+	$(PY) bench/render.py

@@ -1,0 +1,81 @@
+"""Named cluster shapes shared by the golden-file tests and the binary validation tests."""
+
+from __future__ import annotations
+
+from lbappliance.core.config import ApplianceConfig, load_pools, parse_config
+from lbappliance.core.models import (
+    ANN_POOL,
+    ANN_PROXY,
+    ANN_SHARED,
+    LABEL_EXCLUDE,
+    Node,
+    Pool,
+    Service,
+    ServicePort,
+)
+
+CONFIG_TEXT = """
+name: edge-a
+vrrp:
+  interface: eth0
+  priority: 150
+  unicastSrcIp: 192.0.2.2
+  unicastPeers: [192.0.2.3]
+  unicastSrcIp6: "2001:db8:0:1::2"
+  unicastPeers6: ["2001:db8:0:1::3"]
+"""
+
+POOLS_TEXT = """
+apiVersion: lbappliance.io/v1alpha1
+kind: AddressPoolList
+pools:
+- name: default
+  addresses: [192.0.2.200-192.0.2.250, "2001:db8:0:1::c8-2001:db8:0:1::fa"]
+- name: reserved
+  addresses: [203.0.113.0/28]
+  autoAssign: false
+"""
+
+
+def config() -> ApplianceConfig:
+    return parse_config(CONFIG_TEXT, "config.yaml")
+
+
+def pools() -> tuple[Pool, ...]:
+    return load_pools(POOLS_TEXT, "pools.yaml", config().own_addresses())
+
+
+def tcp(port: int, node_port: int, name: str = "") -> ServicePort:
+    return ServicePort(name or f"p{port}", "TCP", port, node_port)
+
+
+NODES = (
+    Node("node-1", (("InternalIP", "198.51.100.11"), ("InternalIP", "2001:db8:0:2::11"), ("Hostname", "node-1"))),
+    Node("node-2", (("InternalIP", "198.51.100.12"), ("ExternalIP", "203.0.113.99"))),
+    Node("node-3", (("InternalIP", "198.51.100.13"),), labels={LABEL_EXCLUDE: ""}),
+    Node("node-4", (("InternalIP", "198.51.100.14"),), taints=("ToBeDeletedByClusterAutoscaler",)),
+    Node("node-5", (("InternalIP", "198.51.100.15"),), deleting=True),
+)
+
+SHAPES: dict[str, tuple[tuple[Service, ...], tuple[Node, ...]]] = {
+    "single-port": ((Service("default", "web", creation="1", ports=(tcp(80, 30080),)),), NODES),
+    "multi-port": ((Service("shop", "front", creation="1", ports=(tcp(80, 30080), tcp(443, 30443))),), NODES),
+    "local-policy": ((Service("default", "local", creation="1", ports=(tcp(80, 31080),),
+                              external_traffic_policy="Local", health_check_node_port=32100),), NODES),
+    "source-ranges": ((Service("default", "private", creation="1", ports=(tcp(22, 30022),),
+                               source_ranges=("198.51.100.0/24", "192.0.2.7/32")),), NODES),
+    "affinity": ((Service("default", "sticky", creation="1", ports=(tcp(80, 30081),),
+                          session_affinity="ClientIP", affinity_timeout=600),), NODES),
+    "proxy-protocol": ((Service("default", "pp", creation="1", ports=(tcp(25, 30025),),
+                                annotations={ANN_PROXY: "v2"}),
+                        Service("default", "pp1", creation="2", ports=(tcp(26, 30026),),
+                                annotations={ANN_PROXY: "v1"})), NODES),
+    "shared-ip": ((Service("dns", "tcp-a", creation="1", ports=(tcp(53, 30053),),
+                           annotations={ANN_SHARED: "dns"}),
+                   Service("dns", "tcp-b", creation="2", ports=(tcp(853, 30853),),
+                           annotations={ANN_SHARED: "dns"})), NODES),
+    "ipv6": ((Service("default", "v6", creation="1", ports=(tcp(80, 30086),), ip_families=("IPv6",)),
+              Service("default", "dual", creation="2", ports=(tcp(443, 30446),), ip_families=("IPv4", "IPv6"),
+                      ip_family_policy="RequireDualStack", annotations={ANN_POOL: "default"})), NODES),
+    "no-eligible-nodes": ((Service("default", "lonely", creation="1", ports=(tcp(80, 30087),)),), NODES[2:]),
+}

@@ -1,0 +1,90 @@
+"""Planner: per-Service problems instead of crashes; eligibility and health checks as designed."""
+
+from __future__ import annotations
+
+from lbappliance.core.kube import parse_objects, service_from_object
+from lbappliance.core.models import ANN_PROXY, Reason, Service, ServicePort
+from lbappliance.core.plan import Snapshot, desired_state
+
+from ..shapes import NODES, config, pools
+
+
+def plan_for(*services: Service):  # type: ignore[no-untyped-def]
+    return desired_state(Snapshot(services, NODES, pools(), config()))[1]
+
+
+def messages(state, key: str) -> list[str]:  # type: ignore[no-untyped-def]
+    return [p.message for p in state.problems if p.service == key]
+
+
+def test_udp_and_sctp_ports_are_problems_but_tcp_ports_are_served() -> None:
+    s = Service("default", "dns", creation="1", ports=(ServicePort("d", "UDP", 53, 30053),
+                                                      ServicePort("t", "TCP", 53, 30054),
+                                                      ServicePort("s", "SCTP", 9, 30009)))
+    state = plan_for(s)
+    assert [(f.port, f.protocol) for f in state.frontends] == [(53, "TCP")]
+    assert messages(state, "default/dns") == [
+        "port 53/UDP: HAProxy cannot proxy UDP; this port is not served",
+        "port 9/SCTP: HAProxy cannot proxy SCTP; this port is not served",
+    ]
+
+
+def test_no_node_ports_is_a_problem_not_a_crash() -> None:
+    s = Service("default", "nonp", creation="1", ports=(ServicePort("", "TCP", 80, None),), allocate_node_ports=False)
+    state = plan_for(s)
+    assert state.frontends == () and "default/nonp" not in state.served
+    assert "no nodePort (allocateLoadBalancerNodePorts is false)" in messages(state, "default/nonp")[0]
+
+
+def test_bad_proxy_annotation_is_invalid_and_not_served() -> None:
+    s = Service("default", "pp", creation="1", ports=(ServicePort("", "TCP", 80, 30080),),
+                annotations={ANN_PROXY: "v3\n    server evil 192.0.2.66:80"})
+    state = plan_for(s)
+    assert state.frontends == ()
+    assert state.problems[0].reason is Reason.INVALID and "is not one of ['v1', 'v2']" in state.problems[0].message
+
+
+def test_bad_source_range_refuses_service_rather_than_opening_it() -> None:
+    s = Service("default", "sr", creation="1", ports=(ServicePort("", "TCP", 80, 30080),),
+                source_ranges=("198.51.100.0/24", "everyone"))
+    state = plan_for(s)
+    assert state.frontends == ()
+    assert messages(state, "default/sr") == ["spec.loadBalancerSourceRanges[1]: 'everyone' is not a CIDR"]
+
+
+def test_local_policy_without_health_check_node_port_is_a_problem() -> None:
+    s = Service("default", "loc", creation="1", ports=(ServicePort("", "TCP", 80, 30080),),
+                external_traffic_policy="Local")
+    assert "without spec.healthCheckNodePort" in messages(plan_for(s), "default/loc")[0]
+
+
+def test_other_services_are_unaffected_by_a_broken_one() -> None:
+    good = Service("default", "good", creation="2", ports=(ServicePort("", "TCP", 80, 30080),))
+    bad = Service("default", "bad", creation="1", ports=(ServicePort("", "TCP", 80, 30081),),
+                  annotations={ANN_PROXY: "v9"})
+    state = plan_for(good, bad)
+    assert list(state.served) == ["default/good"]
+    assert [v.vips for v in state.vrrp] == [state.served["default/good"]]
+
+
+def test_node_address_type_preference() -> None:
+    cfg = config().model_copy(update={"cluster": config().cluster.model_copy(
+        update={"node_address_types": ("ExternalIP", "InternalIP")})})
+    s = Service("default", "web", creation="1", ports=(ServicePort("", "TCP", 80, 30080),))
+    state = desired_state(Snapshot((s,), NODES, pools(), cfg))[1]
+    servers = {srv.name: srv.address for srv in state.frontends[0].backend.servers}
+    assert servers == {"node-1": "198.51.100.11", "node-2": "203.0.113.99"}
+
+
+def test_wire_format_objects_parse_and_bad_ones_are_named() -> None:
+    obj = {"kind": "Service", "metadata": {"name": "web", "namespace": "default", "annotations": {"a": "b"}},
+           "spec": {"type": "LoadBalancer", "ports": [{"port": 80, "nodePort": 30080, "protocol": "TCP"}],
+                    "ipFamilies": ["IPv4"], "sessionAffinity": "ClientIP",
+                    "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}},
+           "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.200", "ipMode": "Proxy"}]}}}
+    s = service_from_object(obj)
+    assert (s.key, s.ports[0].node_port, s.ingress_ips, s.affinity_timeout) == (
+        "default/web", 30080, ("192.0.2.200",), 60)
+    bad = {"kind": "Service", "metadata": {"name": "x", "namespace": "default"}, "spec": {"ports": [{"port": 0}]}}
+    parsed, errors = parse_objects([obj, bad], "Service")
+    assert len(parsed) == 1 and errors == ["Service default/x: spec.ports[0].port must be 1-65535, got 0"]

@@ -1,0 +1,82 @@
+"""Rendered configs are byte-stable: one golden pair per shape, regenerated with --update-golden."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from lbappliance.core.plan import Snapshot, desired_state
+from lbappliance.core.render import render
+
+from ..shapes import SHAPES, config, pools
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+
+
+def rendered(shape: str, shuffle_seed: int | None = None) -> dict[str, str]:
+    services, nodes = SHAPES[shape]
+    services, nodes = list(services), list(nodes)
+    if shuffle_seed is not None:
+        rng = random.Random(shuffle_seed)
+        rng.shuffle(services)
+        rng.shuffle(nodes)
+    _, state = desired_state(Snapshot(tuple(services), tuple(nodes), pools(), config()))
+    out = render(state, config())
+    return {"haproxy.cfg": out.haproxy, "keepalived.conf": out.keepalived}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_render_matches_golden(shape: str, update_golden: bool) -> None:
+    files = rendered(shape)
+    for name, text in files.items():
+        path = GOLDEN / shape / name
+        if update_golden:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        assert path.exists(), f"{path} missing: run pytest --update-golden and review the diff"
+        assert text == path.read_text(), f"{path} differs from the renderer; review, then --update-golden"
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_render_is_independent_of_input_order(shape: str) -> None:
+    assert rendered(shape) == rendered(shape, shuffle_seed=7) == rendered(shape, shuffle_seed=99)
+
+
+def test_excluded_nodes_never_become_servers() -> None:
+    text = rendered("single-port")["haproxy.cfg"]
+    assert "server node-1 198.51.100.11:30080 check port 10256" in text
+    assert "server node-2 198.51.100.12:30080" in text
+    for excluded in ("node-3", "node-4", "node-5"):
+        assert f"server {excluded} " not in text
+
+
+def test_local_policy_checks_health_check_node_port() -> None:
+    text = rendered("local-policy")["haproxy.cfg"]
+    assert "check port 32100" in text and "port 10256" not in text
+
+
+def test_source_ranges_become_an_acl() -> None:
+    text = rendered("source-ranges")["haproxy.cfg"]
+    assert "acl allowed_sources src 192.0.2.7/32 198.51.100.0/24" in text
+    assert "tcp-request connection reject unless allowed_sources" in text
+
+
+def test_shared_ip_services_bind_the_same_vip() -> None:
+    text = rendered("shared-ip")["haproxy.cfg"]
+    assert "bind 192.0.2.200:53" in text and "bind 192.0.2.200:853" in text
+
+
+def test_ipv6_binds_and_vrrp_instance() -> None:
+    files = rendered("ipv6")
+    assert "bind [2001:db8:0:1::c8]:80" in files["haproxy.cfg"]
+    assert "server node-1 [2001:db8:0:2::11]:30086" in files["haproxy.cfg"]
+    assert "2001:db8:0:1::c8/128 dev eth0" in files["keepalived.conf"]
+    assert "unicast_src_ip 2001:db8:0:1::2" in files["keepalived.conf"]
+
+
+def test_no_eligible_nodes_renders_an_empty_backend() -> None:
+    text = rendered("no-eligible-nodes")["haproxy.cfg"]
+    assert "backend be_default_lonely_tcp80_v4" in text
+    assert "    server " not in text
