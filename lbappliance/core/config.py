@@ -159,6 +159,10 @@ class PathSettings(_Strict):
     def haproxy_pidfile(self) -> str:
         return f"{self.state_dir}/haproxy.pid"
 
+    @property
+    def keepalived_pidfile(self) -> str:
+        return f"{self.state_dir}/keepalived.pid"
+
 
 class LeaderElectionSettings(_Strict):
     namespace: str = "lbappliance-system"
@@ -181,6 +185,10 @@ class ApplianceConfig(_Strict):
         default_factory=LeaderElectionSettings, alias="leaderElection"
     )
     metrics_address: str = Field(default="127.0.0.1:9108", alias="metricsAddress")
+    # managed: the daemon starts haproxy and keepalived as its children (lab, tests, containers);
+    # external: systemd units run them and the daemon reloads through the master socket / pidfile.
+    process_mode: Literal["managed", "external"] = Field(default="managed", alias="processMode")
+    log_format: Literal["plain", "json"] = Field(default="plain", alias="logFormat")
 
     @field_validator("name")
     @classmethod
