@@ -18,6 +18,8 @@ from ..core.render import render as render_configs
 from ..edges.files import atomic_write, read_text
 from ..edges.validate import check_haproxy, check_keepalived
 from .common import config_option, fail, load_config, pools_option, pools_path_for
+from .lab import lab
+from .output import emit, output_option, table
 from .pool import pool
 
 
@@ -31,6 +33,7 @@ def cli(verbose: bool) -> None:
 
 
 cli.add_command(pool)
+cli.add_command(lab)
 
 
 def _load_pools(config: ApplianceConfig, path: Path) -> tuple[Pool, ...]:
@@ -124,3 +127,42 @@ def check(config_path: Path, pools_path: Path | None, services_path: Path | None
                 failed = True
     if failed:
         raise SystemExit(1)
+
+
+@cli.command()
+@config_option
+@click.option("--identity", default=None, help="Name in the leader Lease and Events (default: config name).")
+@click.option("--netns", default=None, help="Run haproxy/keepalived inside this network namespace (lab, tests).")
+def run(config_path: Path, identity: str | None, netns: str | None) -> None:
+    """Run the appliance daemon (systemd: Type=notify)."""
+    from ..daemon import main as run_daemon
+    from ..edges.logs import configure_logging
+
+    config = load_config(config_path)
+    configure_logging(config.log_format)
+    raise SystemExit(run_daemon(config_path, identity, netns))
+
+
+@cli.command()
+@config_option
+@output_option
+def status(config_path: Path, fmt: str) -> None:
+    """What this box serves: Services, VIPs, ports, backends with health, VRRP state, leader."""
+    import json
+
+    config = load_config(config_path)
+    path = Path(config.paths.state_dir) / "status.json"
+    try:
+        document = json.loads(read_text(path))
+    except (OSError, ValueError) as exc:
+        fail(f"{path}: no status yet ({exc}); is `lbappliance run` running?")
+    if fmt != "table":
+        emit(document, fmt)
+        return
+    vrrp = ", ".join(f"{k}={v}" for k, v in sorted(document.get("vrrp", {}).items())) or "unknown"
+    click.echo(f"appliance {document['identity']}  leader: {'yes' if document['leader'] else 'no'}  vrrp: {vrrp}")
+    rows = [{"service": s["service"], "vips": s["vips"], "ports": s["ports"],
+             "backends": [f"{t} {h}" for t, h in sorted(s["backends"].items())]} for s in document["services"]]
+    click.echo(table(rows, ("service", "vips", "ports", "backends")))
+    for problem in document.get("problems", []):
+        click.echo(f"problem: {problem['service']}: {problem['reason']}: {problem['message']}")

@@ -1,0 +1,78 @@
+"""`lbappliance lab …`: run the whole system on one machine (root, Linux network namespaces)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import click
+
+from .common import fail
+from .output import table
+
+
+@click.group()
+def lab() -> None:
+    """A local lab: real control plane, two appliances, a client and nodes in network namespaces."""
+
+
+@lab.command()
+@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 20))
+def up(nodes: int) -> None:
+    """Start everything, apply examples/*.yaml, and show each Service answering through its VIP."""
+    from ..lab import WORKDIR, LabFailure
+    from ..lab import up as lab_up
+
+    try:
+        rows = lab_up(nodes, click.echo)
+    except LabFailure as exc:
+        fail(f"lab up: {exc}")
+    click.echo()
+    click.echo(table(rows, ("service", "vip", "ports", "holder", "answer")))
+    kubeconfig = WORKDIR / "controlplane" / "admin.kubeconfig"
+    click.echo(f"""
+The lab stays up. Try:
+  lbappliance lab exec client -- python3 -c "import urllib.request as u; print(u.urlopen('http://{rows[0]['vip']}/').read())"
+  lbappliance status --config {WORKDIR}/app1.yaml
+  lbappliance lab failover
+  lbappliance lab down""")
+    if shutil.which("kubectl"):
+        click.echo(f"  KUBECONFIG={kubeconfig} kubectl get svc -A")
+    else:
+        click.echo(f"  (admin kubeconfig for kubectl or the Python client: {kubeconfig})")
+
+
+@lab.command()
+def failover() -> None:
+    """Stop the appliance that holds the VIP; show the VIP moving and the measured outage."""
+    from ..lab import LabFailure
+    from ..lab import failover as lab_failover
+
+    try:
+        lab_failover(click.echo)
+    except LabFailure as exc:
+        fail(f"lab failover: {exc}")
+
+
+@lab.command()
+def down() -> None:
+    """Remove namespaces, processes and files; safe to run twice and after a crash."""
+    from ..lab import down as lab_down
+
+    lab_down(click.echo)
+
+
+@lab.command(name="exec", context_settings={"ignore_unknown_options": True})
+@click.argument("host")
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED, required=True)
+def exec_(host: str, argv: tuple[str, ...]) -> None:
+    """Run a command on a lab host (app1, app2, client, node1…)."""
+    from ..lab import LabFailure, _load
+
+    try:
+        hosts = _load()["hosts"]
+    except LabFailure as exc:
+        fail(str(exc))
+    if host not in hosts:
+        fail(f"no lab host {host!r}; hosts: {', '.join(sorted(hosts))}")
+    os.execvp("ip", ["ip", "netns", "exec", hosts[host]["netns"], *argv])

@@ -1,0 +1,410 @@
+"""`lbappliance run`: one level-triggered reconcile loop around the pure core.
+
+Signal handlers and watchers only set flags; the loop does all the work. Every pass
+recomputes the whole desired state from the caches and applies the difference, so nothing
+depends on having seen a particular event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .core.config import ApplianceConfig, ConfigError, load_pools, parse_config
+from .core.ipam import allocate
+from .core.kube import is_handled, needs_cleanup, parse_objects
+from .core.models import Allocation, DesiredState, Pool, Problem, Reason, Service
+from .core.plan import Snapshot, plan
+from .edges import systemd
+from .edges.apply import DataPlane
+from .edges.cluster import Cluster, LeaderElector, api_client_from_kubeconfig
+from .edges.files import atomic_write, read_text
+from .edges.metrics import Metrics
+
+log = logging.getLogger("lbappliance.daemon")
+EXIT_CONFIG = 78
+
+
+class StartupError(Exception):
+    """Invalid configuration at start: exit 78 so systemd does not restart-loop."""
+
+
+@dataclass
+class Flags:
+    """What signal handlers and watchers ask of the loop."""
+
+    wake: threading.Event = field(default_factory=threading.Event)
+    stop: bool = False
+    reload_config: bool = False
+    reload_pools: bool = False
+
+    def poke(self) -> None:
+        self.wake.set()
+
+
+def read_config(path: Path) -> ApplianceConfig:
+    if not path.exists():
+        return parse_config("", str(path))
+    return parse_config(read_text(path), str(path))
+
+
+def read_pools(config: ApplianceConfig) -> tuple[Pool, ...]:
+    path = Path(config.paths.pools)
+    if not path.exists():
+        raise ConfigError([])  # handled by the caller with a clear message
+    return load_pools(read_text(path), str(path), config.own_addresses())
+
+
+def orphaned_addresses(old: tuple[Pool, ...], new: tuple[Pool, ...], services: list[Service]) -> list[str]:
+    """Addresses in use that an edit would drop from every pool: the edit is refused instead."""
+    out = []
+    for service in services:
+        for text in service.ingress_ips:
+            try:
+                address = ipaddress.ip_address(text)
+            except ValueError:
+                continue
+            if any(p.contains(address) for p in old) and not any(p.contains(address) for p in new):
+                out.append(f"{text} ({service.key})")
+    return sorted(out)
+
+
+class Daemon:
+    def __init__(self, config_path: Path, identity: str | None = None, netns: str | None = None,
+                 debounce: float = 0.05) -> None:
+        self.config_path = config_path
+        try:
+            self.config = read_config(config_path)
+        except (ConfigError, OSError) as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            self.pools = read_pools(self.config)
+        except (ConfigError, OSError) as exc:
+            raise StartupError(str(exc) or f"{self.config.paths.pools}: file not found") from None
+        self.identity = identity or self.config.name or socket.gethostname()
+        self.debounce = debounce
+        self.flags = Flags()
+        self.metrics = Metrics()
+        self.dataplane = DataPlane(self.config, ["ip", "netns", "exec", netns] if netns else None)
+        api = api_client_from_kubeconfig(self.config.cluster.kubeconfig)
+        self.cluster = Cluster(api, self.flags.poke, self.identity)
+        le = self.config.leader_election
+        self.elector = LeaderElector(api, le.namespace, le.lease_name, self.identity, le.lease_duration,
+                                     le.renew_deadline)
+        self.emitted: dict[tuple[str, str], str] = {}
+        self.last_state: DesiredState | None = None
+        self.ready = False
+        self._observer: Any = None
+
+    # ---- wiring ---------------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        def on_term(signum: int, _frame: Any) -> None:
+            self.flags.stop = True
+            self.flags.poke()
+
+        def on_hup(signum: int, _frame: Any) -> None:
+            self.flags.reload_config = True
+            self.flags.poke()
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def watch_pools_file(self) -> None:
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        target = Path(self.config.paths.pools).resolve()
+        flags = self.flags
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                paths = {str(event.src_path), str(getattr(event, "dest_path", "") or "")}
+                if str(target) in paths:
+                    flags.reload_pools = True
+                    flags.poke()
+
+        self._observer = Observer()
+        self._observer.schedule(Handler(), str(target.parent), recursive=False)
+        self._observer.daemon = True
+        self._observer.start()
+
+    def _elect_forever(self) -> None:
+        period = self.config.leader_election.retry_period
+        while not self.flags.stop:
+            was = self.elector.is_leader
+            now = self.elector.try_acquire_or_renew()
+            self.metrics.leader.set(1 if now else 0)
+            if now != was:
+                self.flags.poke()
+            time.sleep(period * (0.5 if now else 1.0))
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.metrics.serve(self.config.metrics_address)
+        self.watch_pools_file()
+        self.cluster.start()
+        threading.Thread(target=self._elect_forever, name="leader-election", daemon=True).start()
+        if not self.cluster.wait_synced(timeout=60):
+            log.warning("caches not synced after 60s; serving what is known (API unreachable?)")
+        self.dataplane.start()
+        watchdog = systemd.watchdog_interval()
+        while not self.flags.stop:
+            self.flags.wake.wait(timeout=min(watchdog or 5.0, 5.0))
+            self.flags.wake.clear()
+            self._debounce()
+            if self.flags.stop:
+                break
+            self._handle_reloads()
+            self.reconcile_once()
+            systemd.notify("WATCHDOG=1")
+        systemd.notify("STOPPING=1")
+        log.info("stopping: releasing leadership; the data plane keeps serving until the peer takes over")
+        self.elector.release()
+        self.cluster.stop()
+        self.dataplane.stop()
+        if self._observer is not None:
+            self._observer.stop()
+        return 0
+
+    def _debounce(self) -> None:
+        """Let a burst of events settle, but never delay a pass by more than 10x the debounce."""
+        deadline = time.monotonic() + self.debounce * 10
+        while time.monotonic() < deadline and self.flags.wake.wait(self.debounce):
+            self.flags.wake.clear()
+
+    def _handle_reloads(self) -> None:
+        if self.flags.reload_config:
+            self.flags.reload_config = False
+            systemd.notify("RELOADING=1")
+            self._reload_config()
+            systemd.notify("READY=1")
+        if self.flags.reload_pools:
+            self.flags.reload_pools = False
+            self._reload_pools(self.config)
+
+    def _reload_config(self) -> None:
+        try:
+            config = read_config(self.config_path)
+        except (ConfigError, OSError) as exc:
+            log.error("config reload refused, keeping the running config:\n%s", exc)
+            self.metrics.config_stale.labels("config").set(1)
+            return
+        if not self._reload_pools(config):
+            return
+        self.config = config
+        self.dataplane.config = config
+        self.metrics.config_stale.labels("config").set(0)
+        log.info("config reloaded from %s", self.config_path)
+
+    def _reload_pools(self, config: ApplianceConfig) -> bool:
+        path = config.paths.pools
+        try:
+            pools = read_pools(config)
+        except (ConfigError, OSError) as exc:
+            log.error("pools reload refused, keeping the last good pools:\n%s", str(exc) or f"{path}: missing")
+            self.metrics.config_stale.labels("pools").set(1)
+            return False
+        services, _ = self._services()
+        orphans = orphaned_addresses(self.pools, pools, services)
+        if orphans:
+            log.error("pools reload refused: %s would drop addresses in use: %s; release them first "
+                      "(delete the Services or move them with lbappliance.io/load-balancer-ips)",
+                      path, ", ".join(orphans))
+            self.metrics.config_stale.labels("pools").set(1)
+            return False
+        if pools != self.pools:
+            log.info("pools reloaded from %s (%d pools)", path, len(pools))
+        self.pools = pools
+        self.metrics.config_stale.labels("pools").set(0)
+        return True
+
+    def _services(self) -> tuple[list[Service], dict[str, dict[str, Any]]]:
+        objects = self.cluster.services.items()
+        services, errors = parse_objects(objects, "Service")
+        for error in errors:
+            log.warning("ignoring unreadable object: %s", error)
+        by_key = {f"{o['metadata']['namespace']}/{o['metadata']['name']}": o for o in objects}
+        return services, by_key  # type: ignore[return-value]
+
+    def reconcile_once(self) -> DesiredState | None:
+        start = time.perf_counter()
+        try:
+            state = self._pass()
+        except Exception:
+            self.metrics.errors.inc()
+            log.exception("reconcile pass failed; the data plane keeps its last good state")
+            return None
+        finally:
+            self.metrics.reconciles.inc()
+            self.metrics.reconcile_seconds.observe(time.perf_counter() - start)
+        return state
+
+    def _pass(self) -> DesiredState:
+        services, objects = self._services()
+        nodes, node_errors = parse_objects(self.cluster.nodes.items(), "Node")
+        for error in node_errors:
+            log.warning("ignoring unreadable object: %s", error)
+        cls = self.config.cluster.load_balancer_class
+        snapshot = Snapshot(tuple(services), tuple(nodes), self.pools, self.config)  # type: ignore[arg-type]
+        allocation = allocate(self.pools, services, cls)
+        proposed = plan(snapshot, allocation)
+        leader = self.elector.is_leader
+        if leader:
+            services = self._publish(proposed, allocation, services, objects)
+        served = self._published_only(allocation, services)
+        state = plan(replace(snapshot, services=tuple(services)), served)
+        result = self.dataplane.apply(state)
+        self.metrics.applies.labels(result.kind).inc()
+        if result.kind == "rejected":
+            log.error("data plane refused the new config; still serving the previous one: %s", result.message)
+        else:
+            self.last_state = state
+            if leader:
+                self._cleanup(state, services, objects)
+            if not self.ready:
+                self.ready = True
+                systemd.notify("READY=1")
+        self._record(state, allocation, leader)
+        return state
+
+    def _published_only(self, allocation: Allocation, services: list[Service]) -> Allocation:
+        """Serve only addresses already written to status: both boxes then serve the same thing."""
+        status = {s.key: s.ingress_ips for s in services}
+        kept = {k: v for k, v in allocation.assignments.items() if set(v) <= set(status.get(k, ()))}
+        return replace(allocation, assignments=kept)
+
+    def _publish(self, proposed: DesiredState, allocation: Allocation, services: list[Service],
+                 objects: dict[str, dict[str, Any]]) -> list[Service]:
+        """Finalizer first, then status; returns the Services as they are after our writes."""
+        updated: dict[str, Service] = {}
+        publisher = self.cluster.publisher
+        for key, vips in proposed.served.items():
+            obj = objects.get(key)
+            if obj is None:
+                continue
+            with_finalizer = publisher.set_finalizer(obj, present=True)
+            if with_finalizer is None:
+                continue
+            self.cluster.services.update_local(with_finalizer)
+            before = tuple(i.get("ip") for i in ((obj.get("status") or {}).get("loadBalancer") or {})
+                           .get("ingress") or [])
+            after = publisher.set_ingress(with_finalizer, vips)
+            if after is None:
+                continue
+            self.cluster.services.update_local(after)
+            updated[key] = replace(next(s for s in services if s.key == key), ingress_ips=vips,
+                                   finalizers=tuple(after["metadata"].get("finalizers") or ()))
+            if tuple(before) != vips:
+                pools = sorted({allocation.pool_of.get(v, "?") for v in vips})
+                publisher.event(after, Reason.ALLOCATED,
+                                f"Assigned {', '.join(vips)} from pool {', '.join(pools)}")
+        self._emit_problems(proposed.problems, objects)
+        return [updated.get(s.key, s) for s in services]
+
+    def _emit_problems(self, problems: tuple[Problem, ...], objects: dict[str, dict[str, Any]]) -> None:
+        """One Event per distinct problem; repeated passes do not spam the Service."""
+        current = {}
+        for problem in problems:
+            current[(problem.service, problem.message)] = problem.reason.value
+            if (problem.service, problem.message) in self.emitted:
+                continue
+            log.warning("Service %s: %s: %s", problem.service, problem.reason.value, problem.message)
+            obj = objects.get(problem.service)
+            if obj is not None:
+                self.cluster.publisher.event(obj, problem.reason, problem.message, warning=True)
+        self.emitted = current
+
+    def _cleanup(self, state: DesiredState, services: list[Service], objects: dict[str, dict[str, Any]]) -> None:
+        """After the VIP is withdrawn: clear status and drop the finalizer."""
+        cls = self.config.cluster.load_balancer_class
+        served_vips = set(state.vips)
+        publisher = self.cluster.publisher
+        for service in services:
+            if not needs_cleanup(service, cls):
+                continue
+            if any(ip in served_vips for ip in service.ingress_ips if not self._shared_with_others(ip, service, state)):
+                continue
+            obj = objects.get(service.key)
+            if obj is None:
+                continue
+            if service.ingress_ips and not service.deleting and not is_handled(service, cls):
+                cleared = publisher.set_ingress(obj, ())
+                if cleared is None:
+                    continue
+                obj = cleared
+            done = publisher.set_finalizer(obj, present=False)
+            if done is not None:
+                self.cluster.services.update_local(done)
+                publisher.event(done, Reason.RELEASED,
+                                f"Released {', '.join(service.ingress_ips) or 'no address'}")
+
+    @staticmethod
+    def _shared_with_others(ip: str, service: Service, state: DesiredState) -> bool:
+        return any(f.vip == ip and f.service != service.key for f in state.frontends)
+
+    def _record(self, state: DesiredState, allocation: Allocation, leader: bool) -> None:
+        self.metrics.record_pools(self.pools, allocation)
+        for reason in Reason:
+            self.metrics.problems.labels(reason.value).set(sum(1 for p in state.problems if p.reason == reason))
+        vrrp = self.dataplane.vrrp_states()
+        self.metrics.record_vrrp(vrrp)
+        self.metrics.api_requests.set(self.cluster.requests)
+        with contextlib.suppress(OSError):
+            self.metrics.old_workers.set(len(self.dataplane.old_workers()))
+        write_status(Path(self.config.paths.state_dir) / "status.json",
+                     status_document(state, leader, vrrp, self.identity, self.dataplane))
+
+
+def status_document(state: DesiredState, leader: bool, vrrp: dict[str, str], identity: str,
+                    dataplane: DataPlane) -> dict[str, Any]:
+    try:
+        health = dataplane.server_health()
+    except OSError:
+        health = {}
+    services: dict[str, dict[str, Any]] = {}
+    for fe in state.frontends:
+        entry = services.setdefault(fe.service, {"service": fe.service, "vips": list(state.served[fe.service]),
+                                                 "ports": [], "backends": {}})
+        entry["ports"].append(f"{fe.port}/{fe.protocol}")
+        for server in fe.backend.servers:
+            target = f"{server.address}:{fe.backend.port}"
+            entry["backends"][target] = health.get((fe.backend.name, server.name), "unknown")
+    return {
+        "identity": identity,
+        "leader": leader,
+        "vrrp": vrrp,
+        "updated": time.time(),
+        "services": sorted(services.values(), key=lambda e: e["service"]),
+        "problems": [{"service": p.service, "reason": p.reason.value, "message": p.message} for p in state.problems],
+    }
+
+
+def write_status(path: Path, document: dict[str, Any]) -> None:
+    try:
+        atomic_write(path, json.dumps(document, indent=1, sort_keys=True) + "\n")
+    except OSError as exc:
+        log.debug("cannot write %s: %s", path, exc)
+
+
+def main(config_path: Path, identity: str | None = None, netns: str | None = None) -> int:
+    try:
+        daemon = Daemon(config_path, identity, netns)
+    except StartupError as exc:
+        log.error("invalid configuration, not starting:\n%s", exc)
+        return EXIT_CONFIG
+    daemon.install_signal_handlers()
+    log.info("lbappliance %s starting (pid %d)", daemon.identity, os.getpid())
+    return daemon.run()

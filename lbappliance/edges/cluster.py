@@ -1,0 +1,336 @@
+"""Kubernetes edge: list+watch caches, leader election, and the leader's writes.
+
+Objects are kept as wire-format (camelCase) dicts so the pure core reads exactly what the
+API server sent. Each watch resumes from its last resourceVersion, relists on 410 Gone,
+and backs off while the API server is unreachable; the cache keeps its last contents
+meanwhile, so an API outage never withdraws a VIP.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import urllib3
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+
+from ..core.models import FINALIZER, Reason
+
+log = logging.getLogger(__name__)
+COMPONENT = "lbappliance"
+
+
+def api_client_from_kubeconfig(path: str | None) -> client.ApiClient:
+    if path:
+        return config.new_client_from_config(config_file=path)
+    config.load_incluster_config()
+    return client.ApiClient()
+
+
+def _key(obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{meta.get('namespace')}/{meta.get('name')}" if meta.get("namespace") else str(meta.get("name"))
+
+
+@dataclass
+class Informer:
+    """One resource's list+watch loop feeding a dict cache; `on_change` wakes the reconciler."""
+
+    name: str
+    list_call: Callable[..., Any]
+    api: client.ApiClient
+    on_change: Callable[[], None]
+    watch_timeout: int = 240
+    cache: dict[str, dict[str, Any]] = field(default_factory=dict)
+    synced: threading.Event = field(default_factory=threading.Event)
+    requests: int = 0
+    relists: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _watch: watch.Watch | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"watch-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.stop()
+
+    def items(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.cache.values())
+
+    def update_local(self, obj: Mapping[str, Any]) -> None:
+        """Record our own write so the next pass sees it before the watch event arrives."""
+        with self._lock:
+            current = self.cache.get(_key(obj))
+            if current is None or _rv(obj) >= _rv(current):
+                self.cache[_key(obj)] = dict(obj)
+
+    def _relist(self) -> str:
+        self.requests += 1
+        listing = self.list_call(_request_timeout=30)
+        items = {}
+        for item in listing.items:
+            obj = self.api.sanitize_for_serialization(item)
+            items[_key(obj)] = obj
+        with self._lock:
+            self.cache = items
+        self.relists += 1
+        self.synced.set()
+        self.on_change()
+        return str(listing.metadata.resource_version)
+
+    def _run(self) -> None:
+        backoff = 0.2
+        version: str | None = None
+        while not self._stop.is_set():
+            try:
+                if version is None:
+                    version = self._relist()
+                version = self._watch_from(version)
+                backoff = 0.2
+            except ApiException as exc:
+                if exc.status == 410:
+                    log.info("%s watch: resourceVersion %s expired (410 Gone); relisting", self.name, version)
+                    version = None
+                    continue
+                log.warning("%s watch: API error %s %s; retrying in %.1fs", self.name, exc.status, exc.reason,
+                            backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+                log.warning("%s watch: API unreachable (%s); keeping the last data, retrying in %.1fs",
+                            self.name, type(exc).__name__, backoff)
+                self._stop.wait(backoff + random.uniform(0, backoff / 4))
+                backoff = min(backoff * 2, 10.0)
+
+    def _watch_from(self, version: str) -> str | None:
+        self._watch = watch.Watch()
+        self.requests += 1
+        stream = self._watch.stream(self.list_call, resource_version=version, allow_watch_bookmarks=True,
+                                    timeout_seconds=self.watch_timeout, _request_timeout=self.watch_timeout + 30)
+        for event in stream:
+            kind = event["type"]
+            raw = event["raw_object"]
+            if kind == "ERROR":
+                if raw.get("code") == 410:
+                    log.info("%s watch: 410 Gone in stream; relisting", self.name)
+                    return None
+                raise ApiException(status=raw.get("code"), reason=raw.get("message"))
+            version = (raw.get("metadata") or {}).get("resourceVersion") or version
+            if kind == "BOOKMARK":
+                continue
+            with self._lock:
+                if kind == "DELETED":
+                    self.cache.pop(_key(raw), None)
+                else:
+                    self.cache[_key(raw)] = raw
+            self.on_change()
+            if self._stop.is_set():
+                break
+        return version
+
+
+def _rv(obj: Mapping[str, Any]) -> int:
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+class LeaderElector:
+    """A coordination.k8s.io Lease; only its holder allocates and writes Service objects."""
+
+    def __init__(self, api: client.ApiClient, namespace: str, name: str, identity: str,
+                 lease_duration: float, renew_deadline: float) -> None:
+        self.coordination = client.CoordinationV1Api(api)
+        self.namespace, self.name, self.identity = namespace, name, identity
+        self.lease_duration, self.renew_deadline = lease_duration, renew_deadline
+        self._leader_until = 0.0
+        self.transitions = 0
+
+    @property
+    def is_leader(self) -> bool:
+        return time.monotonic() < self._leader_until
+
+    def try_acquire_or_renew(self) -> bool:
+        """One attempt; on any API failure leadership lapses after renewDeadline on its own."""
+        now = dt.datetime.now(dt.UTC)
+        try:
+            lease = self.coordination.read_namespaced_lease(self.name, self.namespace, _request_timeout=5)
+        except ApiException as exc:
+            if exc.status != 404:
+                log.warning("leader election: cannot read lease: %s %s", exc.status, exc.reason)
+                return self.is_leader
+            return self._create(now)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            log.warning("leader election: API unreachable (%s)", type(exc).__name__)
+            return self.is_leader
+        spec = lease.spec
+        holder = spec.holder_identity
+        renewed = spec.renew_time or spec.acquire_time
+        expired = renewed is None or (now - renewed).total_seconds() > (spec.lease_duration_seconds or 15)
+        if holder != self.identity and not expired:
+            self._step_down()
+            return False
+        if holder != self.identity:
+            spec.acquire_time = now
+            spec.lease_transitions = (spec.lease_transitions or 0) + 1
+        spec.holder_identity = self.identity
+        spec.renew_time = now
+        spec.lease_duration_seconds = int(self.lease_duration)
+        try:
+            self.coordination.replace_namespaced_lease(self.name, self.namespace, lease, _request_timeout=5)
+        except ApiException as exc:
+            log.info("leader election: lost the race for the lease (%s)", exc.status)
+            self._step_down()
+            return False
+        except (urllib3.exceptions.HTTPError, OSError):
+            return self.is_leader
+        self._became(holder)
+        return True
+
+    def _create(self, now: dt.datetime) -> bool:
+        body = client.V1Lease(
+            metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace),
+            spec=client.V1LeaseSpec(holder_identity=self.identity, acquire_time=now, renew_time=now,
+                                    lease_duration_seconds=int(self.lease_duration), lease_transitions=0),
+        )
+        try:
+            self.coordination.create_namespaced_lease(self.namespace, body, _request_timeout=5)
+        except ApiException as exc:
+            log.info("leader election: cannot create lease (%s)", exc.status)
+            return False
+        except (urllib3.exceptions.HTTPError, OSError):
+            return False
+        self._became(None)
+        return True
+
+    def _became(self, previous: str | None) -> None:
+        if not self.is_leader:
+            self.transitions += 1
+            log.info("leader election: %s is now the leader (was %s)", self.identity, previous)
+        self._leader_until = time.monotonic() + self.renew_deadline
+
+    def _step_down(self) -> None:
+        if self.is_leader:
+            log.warning("leader election: %s lost leadership", self.identity)
+        self._leader_until = 0.0
+
+    def release(self) -> None:
+        """On clean shutdown hand over at once instead of after the lease duration."""
+        if not self.is_leader:
+            return
+        try:
+            lease = self.coordination.read_namespaced_lease(self.name, self.namespace, _request_timeout=3)
+            if lease.spec.holder_identity == self.identity:
+                lease.spec.renew_time = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+                lease.spec.lease_duration_seconds = 1
+                self.coordination.replace_namespaced_lease(self.name, self.namespace, lease, _request_timeout=3)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            log.info("leader election: could not release lease: %s", exc)
+        self._leader_until = 0.0
+
+
+class Publisher:
+    """The leader's writes: finalizers, status, Events. Every write is idempotent and best effort."""
+
+    def __init__(self, api: client.ApiClient, identity: str) -> None:
+        self.core = client.CoreV1Api(api)
+        self.api = api
+        self.identity = identity
+        self.requests = 0
+
+    def _patch(self, namespace: str, name: str, body: dict[str, Any], status: bool = False) -> dict[str, Any] | None:
+        call = self.core.patch_namespaced_service_status if status else self.core.patch_namespaced_service
+        self.requests += 1
+        try:
+            updated = call(name, namespace, body, _request_timeout=10)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            log.warning("Service %s/%s: %s patch failed: %s %s", namespace, name,
+                        "status" if status else "metadata", exc.status, exc.reason)
+            return None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            log.warning("Service %s/%s: API unreachable (%s)", namespace, name, type(exc).__name__)
+            return None
+        result: dict[str, Any] = self.api.sanitize_for_serialization(updated)
+        return result
+
+    def set_finalizer(self, obj: Mapping[str, Any], present: bool) -> dict[str, Any] | None:
+        meta = obj["metadata"]
+        finalizers = list(meta.get("finalizers") or [])
+        if (FINALIZER in finalizers) == present:
+            return dict(obj)
+        finalizers = [*finalizers, FINALIZER] if present else [f for f in finalizers if f != FINALIZER]
+        # resourceVersion makes this a compare-and-swap: a concurrent edit fails instead of being lost.
+        body = {"metadata": {"finalizers": finalizers, "resourceVersion": meta.get("resourceVersion")}}
+        return self._patch(meta["namespace"], meta["name"], body)
+
+    def set_ingress(self, obj: Mapping[str, Any], ips: tuple[str, ...]) -> dict[str, Any] | None:
+        meta = obj["metadata"]
+        ingress = [{"ip": ip, "ipMode": "Proxy"} for ip in ips]
+        current = ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+        if [{"ip": i.get("ip"), "ipMode": i.get("ipMode")} for i in current] == ingress:
+            return dict(obj)
+        body = {"status": {"loadBalancer": {"ingress": ingress}}}
+        return self._patch(meta["namespace"], meta["name"], body, status=True)
+
+    def event(self, obj: Mapping[str, Any], reason: Reason, message: str, warning: bool = False) -> None:
+        """Best effort: a failed Event is logged and never breaks the loop."""
+        meta = obj["metadata"]
+        now = dt.datetime.now(dt.UTC)
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
+            involved_object=client.V1ObjectReference(kind="Service", api_version="v1", name=meta["name"],
+                                                     namespace=meta["namespace"], uid=meta.get("uid"),
+                                                     resource_version=meta.get("resourceVersion")),
+            reason=reason.value, message=message[:1024], type="Warning" if warning else "Normal",
+            source=client.V1EventSource(component=COMPONENT, host=self.identity),
+            first_timestamp=now, last_timestamp=now, count=1,
+            reporting_component=COMPONENT, reporting_instance=self.identity,
+        )
+        self.requests += 1
+        try:
+            self.core.create_namespaced_event(meta["namespace"], body, _request_timeout=5)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            log.info("Service %s/%s: event %s not recorded: %s", meta["namespace"], meta["name"], reason.value,
+                     getattr(exc, "reason", exc))
+
+
+class Cluster:
+    """Caches of Services and Nodes plus the writers, behind one small surface for the daemon."""
+
+    def __init__(self, api: client.ApiClient, on_change: Callable[[], None], identity: str) -> None:
+        core = client.CoreV1Api(api)
+        self.services = Informer("services", core.list_service_for_all_namespaces, api, on_change)
+        self.nodes = Informer("nodes", core.list_node, api, on_change)
+        self.publisher = Publisher(api, identity)
+
+    def start(self) -> None:
+        self.services.start()
+        self.nodes.start()
+
+    def stop(self) -> None:
+        self.services.stop()
+        self.nodes.stop()
+
+    def wait_synced(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        return all(i.synced.wait(max(0.0, deadline - time.monotonic())) for i in (self.services, self.nodes))
+
+    @property
+    def requests(self) -> int:
+        return self.services.requests + self.nodes.requests + self.publisher.requests

@@ -1,0 +1,49 @@
+"""Prometheus metrics of one daemon, in its own registry (tests run several daemons)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from ..core.models import Allocation, Pool
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.reconcile_seconds = Histogram("lbappliance_reconcile_duration_seconds", "One reconcile pass",
+                                           registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.reconciles = Counter("lbappliance_reconcile_total", "Reconcile passes", registry=r)
+        self.errors = Counter("lbappliance_reconcile_errors_total", "Passes that raised", registry=r)
+        self.problems = Gauge("lbappliance_service_problems", "Services with a problem in the last pass",
+                              ["reason"], registry=r)
+        self.pool_total = Gauge("lbappliance_addresses_total", "Addresses in a pool", ["pool"], registry=r)
+        self.pool_in_use = Gauge("lbappliance_addresses_in_use", "Addresses of a pool in use", ["pool"], registry=r)
+        self.applies = Counter("lbappliance_applies_total", "Data plane applies by kind", ["kind"], registry=r)
+        self.config_stale = Gauge("lbappliance_config_stale",
+                                  "1 when running on the last good config because the newest is invalid",
+                                  ["file"], registry=r)
+        self.leader = Gauge("lbappliance_leader", "1 when this appliance holds the leader lease", registry=r)
+        self.vrrp = Gauge("lbappliance_vrrp_master", "1 when this box is VRRP master for the instance",
+                          ["instance"], registry=r)
+        self.old_workers = Gauge("lbappliance_haproxy_old_workers", "HAProxy workers left from reloads",
+                                 registry=r)
+        self.api_requests = Gauge("lbappliance_api_requests", "Kubernetes API requests made so far", registry=r)
+
+    def serve(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+
+    def record_pools(self, pools: tuple[Pool, ...], allocation: Allocation) -> None:
+        in_use: dict[str, int] = {}
+        for pool in allocation.pool_of.values():
+            in_use[pool] = in_use.get(pool, 0) + 1
+        for pool in pools:
+            self.pool_total.labels(pool.name).set(pool.size())
+            self.pool_in_use.labels(pool.name).set(in_use.get(pool.name, 0))
+
+    def record_vrrp(self, states: Mapping[str, str]) -> None:
+        for instance, state in states.items():
+            self.vrrp.labels(instance).set(1 if state == "MASTER" else 0)

@@ -1,0 +1,172 @@
+"""Run the appliance pair against a real control plane in the network lab (e2e tests, lab, benches).
+
+Each daemon runs in the host namespace (it reaches the API server on loopback) and keeps its
+HAProxy and keepalived inside its appliance host's namespace via `--netns`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .controlplane import free_port
+from .netlab import VIP_POOL_V4, VIP_POOL_V6, NetworkLab
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def pools_yaml(ranges: Iterable[str] = (VIP_POOL_V4, VIP_POOL_V6)) -> str:
+    return yaml.safe_dump({"apiVersion": "lbappliance.io/v1alpha1", "kind": "AddressPoolList",
+                           "pools": [{"name": "default", "addresses": list(ranges)}]}, sort_keys=False)
+
+
+def appliance_config(lab: NetworkLab, host: str, peer: str, state_dir: Path, kubeconfig: Path,
+                     pools_path: Path, priority: int, lease_seconds: float = 4.0) -> dict[str, Any]:
+    me, other = lab.hosts[host], lab.hosts[peer]
+    return {
+        "apiVersion": "lbappliance.io/v1alpha1",
+        "kind": "ApplianceConfig",
+        "name": host,
+        "cluster": {"kubeconfig": str(kubeconfig)},
+        "vrrp": {"interface": "eth0", "priority": priority, "advertInterval": 0.1,
+                 "unicastSrcIp": me.ipv4, "unicastPeers": [other.ipv4],
+                 "unicastSrcIp6": me.ipv6, "unicastPeers6": [other.ipv6]},
+        "healthCheck": {"intervalMilliseconds": 500, "fall": 2, "rise": 2},
+        "haproxy": {"statsAddress": None, "maxconn": 4000, "hardStopAfter": "10s"},
+        "paths": {"pools": str(pools_path), "stateDir": str(state_dir),
+                  "haproxyConfig": str(state_dir / "haproxy.cfg"),
+                  "keepalivedConfig": str(state_dir / "keepalived.conf")},
+        "leaderElection": {"leaseDurationSeconds": lease_seconds, "renewDeadlineSeconds": lease_seconds * 0.75,
+                           "retryPeriodSeconds": 0.5},
+        "metricsAddress": f"127.0.0.1:{free_port()}",
+    }
+
+
+@dataclass
+class Appliance:
+    name: str
+    netns: str
+    config_path: Path
+    config: dict[str, Any]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.config["paths"]["stateDir"])
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.config['metricsAddress']}/metrics"
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lbappliance", "run", "--config", str(self.config_path),
+             "--identity", self.name, "--netns", self.netns],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
+        log.close()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def metric(self, name: str, labels: Mapping[str, str] | None = None) -> float | None:
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=2) as response:
+                text = response.read().decode()
+        except OSError:
+            return None
+        want = ",".join(f'{k}="{v}"' for k, v in sorted((labels or {}).items()))
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            head, _, value = line.rpartition(" ")
+            metric_name, _, label_text = head.partition("{")
+            if metric_name == name and (not want or ",".join(sorted(label_text.rstrip("}").split(","))) == want):
+                return float(value)
+        return None
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.state_dir / "status.json").read_text())  # type: ignore[no-any-return]
+        except (OSError, ValueError):
+            return None
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def make_pair(lab: NetworkLab, workdir: Path, kubeconfig: Path, pools: str | None = None,
+              lease_seconds: float = 4.0) -> tuple[Appliance, Appliance]:
+    pools_path = workdir / "pools.yaml"
+    pools_path.write_text(pools or pools_yaml())
+    pair = []
+    for host, peer, priority in (("app1", "app2", 150), ("app2", "app1", 100)):
+        state_dir = workdir / host
+        state_dir.mkdir(parents=True, exist_ok=True)
+        config = appliance_config(lab, host, peer, state_dir, kubeconfig, pools_path, priority, lease_seconds)
+        config_path = workdir / f"{host}.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        pair.append(Appliance(host, lab.hosts[host].netns, config_path, config, workdir / f"{host}.log"))
+    return pair[0], pair[1]
+
+
+def node_objects(lab: NetworkLab) -> list[dict[str, Any]]:
+    return [{"apiVersion": "v1", "kind": "Node",
+             "metadata": {"name": h.name, "labels": {"kubernetes.io/hostname": h.name}},
+             "status": {"addresses": [{"type": "InternalIP", "address": h.ipv4},
+                                      {"type": "InternalIP", "address": h.ipv6},
+                                      {"type": "Hostname", "address": h.name}]}}
+            for h in lab.nodes]
+
+
+def example_manifests() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+def node_ports(manifests: Iterable[Mapping[str, Any]]) -> tuple[list[int], list[int]]:
+    """The nodePorts and healthCheckNodePorts the lab nodes must serve for these Services."""
+    ports, health = set(), set()
+    for doc in manifests:
+        spec = doc.get("spec") or {}
+        ports.update(p["nodePort"] for p in spec.get("ports") or [] if p.get("nodePort"))
+        if spec.get("healthCheckNodePort"):
+            health.add(spec["healthCheckNodePort"])
+    return sorted(ports), sorted(health)
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

@@ -1,0 +1,328 @@
+"""The daemon end to end: real kube-apiserver + etcd, two appliances in the network lab,
+least-privilege identity from deploy/rbac.yaml, traffic from the client host through the VIP."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lbappliance.core.models import FINALIZER
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _require_lab() -> None:
+    from lbappliance.testing.netlab import lab_unavailable_reason
+
+    reason = lab_unavailable_reason()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"network lab unavailable in CI: {reason}")
+        pytest.skip(f"network lab unavailable: {reason}")
+
+
+@pytest.fixture(scope="module")
+def env(control_plane: Any, admin_api: Any, apply_rbac: Any, tmp_path_factory: pytest.TempPathFactory
+        ) -> Iterator[dict[str, Any]]:
+    """Lab + Nodes + RBAC + two running daemons, shared by the tests of this module."""
+    _require_lab()
+    from kubernetes import client
+
+    from lbappliance.testing.appliances import example_manifests, make_pair, node_objects, node_ports, wait_for
+    from lbappliance.testing.netlab import NetworkLab
+
+    apply_rbac()
+    core = client.CoreV1Api(admin_api)
+    workdir = tmp_path_factory.mktemp("daemon")
+    with NetworkLab(prefix="lbe", nodes=3, workdir=workdir / "lab") as lab:
+        for node in node_objects(lab):
+            with contextlib.suppress(client.ApiException):
+                core.create_node(node)
+        ports, health = node_ports(example_manifests())
+        lab.serve_nodeports([*ports, 30090, 30091, 30092, 30093, 30094])
+        lab.serve_health_ports(health)
+        app1, app2 = make_pair(lab, workdir, control_plane.appliance_kubeconfig)
+        app1.start()
+        app2.start()
+        try:
+            wait_for(lambda: app1.status() and app2.status(), 60, what="both daemons' first pass")
+            yield {"lab": lab, "core": core, "apps": (app1, app2), "cp": control_plane, "workdir": workdir}
+        except TimeoutError:
+            pytest.fail(f"daemons did not start:\n{app1.log_tail()}\n{app2.log_tail()}")
+        finally:
+            app1.stop()
+            app2.stop()
+
+
+def _service(name: str, node_port: int, port: int = 80, annotations: dict[str, str] | None = None
+             ) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "annotations": annotations or {}},
+            "spec": {"type": "LoadBalancer", "selector": {"app": name},
+                     "ports": [{"name": "p", "port": port, "targetPort": 8080, "nodePort": node_port,
+                                "protocol": "TCP"}]}}
+
+
+def _ingress(core: Any, ns: str, name: str) -> list[str]:
+    svc = core.read_namespaced_service_status(name, ns)
+    return [i.ip for i in (svc.status.load_balancer.ingress or [])]
+
+
+def _wait_ingress(core: Any, ns: str, name: str, timeout: float = 15) -> list[str]:
+    from lbappliance.testing.appliances import wait_for
+
+    return wait_for(lambda: _ingress(core, ns, name), timeout, what=f"status of {ns}/{name}")  # type: ignore[no-any-return]
+
+
+def _get(lab: Any, vip: str, port: int, timeout: float = 2.0) -> tuple[int, str]:
+    return lab.http_get("client", f"http://{vip}:{port}/", timeout=timeout)  # type: ignore[no-any-return]
+
+
+def _answered(lab: Any, vip: str, port: int, timeout: float = 10) -> str:
+    from lbappliance.testing.appliances import wait_for
+
+    def ok() -> str | None:
+        status, body = _get(lab, vip, port)
+        return body.strip() if status == 200 else None
+
+    return wait_for(ok, timeout, interval=0.2, what=f"{vip}:{port} answering")  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def ns(env: dict[str, Any]) -> str:
+    name = f"e2e-{uuid.uuid4().hex[:6]}"
+    env["core"].create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    return name
+
+
+def test_examples_are_served_through_their_vips(env: dict[str, Any], ns: str) -> None:
+    from lbappliance.testing.appliances import example_manifests
+
+    core, lab = env["core"], env["lab"]
+    for doc in example_manifests():
+        core.create_namespaced_service(ns, doc)
+    for doc in example_manifests():
+        name = doc["metadata"]["name"]
+        ips = _wait_ingress(core, ns, name)
+        for port in doc["spec"]["ports"]:
+            body = _answered(lab, ips[0], port["port"])
+            assert body in {n.name for n in lab.nodes}, f"{name}:{port['port']} answered {body!r}"
+    shared = {tuple(_ingress(core, ns, n)) for n in ("dns-tcp", "dot")}
+    assert len(shared) == 1, f"shared-IP Services got different addresses: {shared}"
+    assert _ingress(core, ns, "local") == ["192.0.2.240"]
+    svc = core.read_namespaced_service(name="web", namespace=ns)
+    assert FINALIZER in (svc.metadata.finalizers or [])
+    status = core.read_namespaced_service_status("web", ns).status.load_balancer.ingress[0]
+    assert status.ip_mode == "Proxy"
+    for doc in example_manifests():
+        core.delete_namespaced_service(doc["metadata"]["name"], ns)
+
+
+def test_create_update_delete_lifecycle(env: dict[str, Any], ns: str) -> None:
+    from lbappliance.testing.appliances import wait_for
+
+    core, lab = env["core"], env["lab"]
+    core.create_namespaced_service(ns, _service("life", 30090))
+    vip = _wait_ingress(core, ns, "life")[0]
+    assert ipaddress.ip_address(vip) in ipaddress.ip_network("192.0.2.192/26")
+    assert _answered(lab, vip, 80)
+    # Update the ports: add 8081 -> 30091; the new port is served on the same VIP.
+    core.patch_namespaced_service("life", ns, {"spec": {"ports": [
+        {"name": "p", "port": 80, "targetPort": 8080, "nodePort": 30090, "protocol": "TCP"},
+        {"name": "q", "port": 8081, "targetPort": 8080, "nodePort": 30091, "protocol": "TCP"}]}})
+    assert _answered(lab, vip, 8081)
+    assert _ingress(core, ns, "life") == [vip]
+    events = core.list_namespaced_event(ns, field_selector="involvedObject.name=life").items
+    assert any(e.reason == "IPAllocated" for e in events)
+    # Delete: finalizer removed by the leader after the VIP is withdrawn, object gone, address reusable.
+    core.delete_namespaced_service("life", ns)
+
+    def gone() -> bool:
+        try:
+            core.read_namespaced_service("life", ns)
+        except Exception as exc:
+            return getattr(exc, "status", None) == 404
+        return False
+
+    wait_for(gone, 15, what="finalizer removal")
+    wait_for(lambda: _get(lab, vip, 80, timeout=1)[0] == 0, 10, what="VIP withdrawn")
+    core.create_namespaced_service(ns, _service("again", 30092, annotations={
+        "lbappliance.io/load-balancer-ips": vip}))
+    assert _wait_ingress(core, ns, "again") == [vip]
+    core.delete_namespaced_service("again", ns)
+
+
+def test_bad_annotation_gets_an_event_and_others_proceed(env: dict[str, Any], ns: str) -> None:
+    from lbappliance.testing.appliances import wait_for
+
+    core = env["core"]
+    core.create_namespaced_service(ns, _service("broken", 30093, annotations={
+        "lbappliance.io/load-balancer-ips": "not-an-ip"}))
+    core.create_namespaced_service(ns, _service("fine", 30094))
+    assert _wait_ingress(core, ns, "fine")
+
+    def event() -> Any:
+        items = core.list_namespaced_event(ns, field_selector="involvedObject.name=broken").items
+        return [e for e in items if e.reason == "InvalidConfiguration"]
+
+    found = wait_for(event, 10, what="InvalidConfiguration event")
+    assert "'not-an-ip' is not an IP address" in found[0].message
+    assert _ingress(core, ns, "broken") == []
+    for name in ("broken", "fine"):
+        core.delete_namespaced_service(name, ns)
+
+
+def _leader(core: Any) -> str | None:
+    from kubernetes import client
+
+    lease = client.CoordinationV1Api(core.api_client).read_namespaced_lease("lbappliance-leader",
+                                                                           "lbappliance-system")
+    return lease.spec.holder_identity  # type: ignore[no-any-return]
+
+
+class Prober:
+    """Requests through a VIP from the client host in a background thread; counts failures."""
+
+    def __init__(self, lab: Any, vip: str, port: int) -> None:
+        self.lab, self.vip, self.port = lab, vip, port
+        self.ok = self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            status, _ = _get(self.lab, self.vip, self.port, timeout=2)
+            if status == 200:
+                self.ok += 1
+            else:
+                self.failed += 1
+            time.sleep(0.05)
+
+    def __enter__(self) -> Prober:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_leader_handover_keeps_allocating_and_traffic_flows(env: dict[str, Any], ns: str) -> None:
+    from lbappliance.testing.appliances import wait_for
+
+    core, lab = env["core"], env["lab"]
+    app1, app2 = env["apps"]
+    leader_name = wait_for(lambda: _leader(core), 10, what="a leader")
+    leaders = [a for a in (app1, app2) if a.metric("lbappliance_leader") == 1.0]
+    assert [a.name for a in leaders] == [leader_name], "exactly one appliance must consider itself leader"
+    core.create_namespaced_service(ns, _service("ha", 30090))
+    vip = _wait_ingress(core, ns, "ha")[0]
+    _answered(lab, vip, 80)
+    leader = leaders[0]
+    follower = app2 if leader is app1 else app1
+    with Prober(lab, vip, 80) as probe:
+        leader.stop(signal.SIGKILL)
+        wait_for(lambda: _leader(core) == follower.name, 15, what="follower taking the lease")
+        core.create_namespaced_service(ns, _service("after", 30091))
+        assert _wait_ingress(core, ns, "after", timeout=20)
+        time.sleep(1)
+    assert probe.failed == 0 and probe.ok > 10, f"VIP traffic during handover: {probe.ok} ok, {probe.failed} failed"
+    assert follower.metric("lbappliance_leader") == 1.0
+    leader.start()  # back as follower for the next tests
+    wait_for(lambda: leader.metric("lbappliance_leader") == 0.0, 30, what="restarted daemon up as follower")
+    for name in ("ha", "after"):
+        core.delete_namespaced_service(name, ns)
+
+
+def test_api_outage_keeps_traffic_and_converges_after(env: dict[str, Any], ns: str) -> None:
+    core, lab, cp = env["core"], env["lab"], env["cp"]
+    core.create_namespaced_service(ns, _service("steady", 30090))
+    vip = _wait_ingress(core, ns, "steady")[0]
+    _answered(lab, vip, 80)
+    outage = float(os.environ.get("LBAPPLIANCE_E2E_OUTAGE_SECONDS", "30"))
+    with Prober(lab, vip, 80) as probe:
+        cp.stop_apiserver()
+        time.sleep(outage)
+        cp.start_apiserver()
+    assert probe.failed == 0 and probe.ok > outage, f"{probe.ok} ok, {probe.failed} failed during API outage"
+    core.create_namespaced_service(ns, _service("later", 30091))
+    assert _answered(lab, _wait_ingress(core, ns, "later", timeout=30)[0], 80)
+    for name in ("steady", "later"):
+        core.delete_namespaced_service(name, ns)
+
+
+def test_restarting_both_daemons_changes_no_address(env: dict[str, Any], ns: str) -> None:
+    from lbappliance.testing.appliances import wait_for
+
+    core, lab = env["core"], env["lab"]
+    names = [f"keep{i}" for i in range(5)]
+    for i, name in enumerate(names):
+        core.create_namespaced_service(ns, _service(name, 30090 + i))
+    before = {n: _wait_ingress(core, ns, n) for n in names}
+    for app in env["apps"]:
+        app.stop()
+    # A Service deleted while both are down must not make others move when they come back.
+    core.delete_namespaced_service(names[0], ns)
+    for app in env["apps"]:
+        app.start()
+    wait_for(lambda: _leader(core) in ("app1", "app2") and any(
+        a.metric("lbappliance_leader") == 1.0 for a in env["apps"]), 30, what="leader after restart")
+    time.sleep(2)
+    after = {n: _ingress(core, ns, n) for n in names[1:]}
+    assert after == {n: before[n] for n in names[1:]}
+    assert _answered(lab, after[names[1]][0], 80)
+    for name in names[1:]:
+        core.delete_namespaced_service(name, ns)
+
+
+def test_pool_edit_via_cli_applies_live_and_invalid_edit_changes_nothing(env: dict[str, Any], ns: str) -> None:
+    from lbappliance.testing.appliances import wait_for
+
+    core = env["core"]
+    app1, app2 = env["apps"]
+    cli = [sys.executable, "-m", "lbappliance", "pool"]
+    conf = ["--config", str(app1.config_path)]
+    done = subprocess.run([*cli, "add", "extra", "-a", "192.0.2.180-192.0.2.189", *conf],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    core.create_namespaced_service(ns, _service("fresh", 30090, annotations={"lbappliance.io/pool": "extra"}))
+    ip = _wait_ingress(core, ns, "fresh")[0]
+    assert ipaddress.ip_address("192.0.2.180") <= ipaddress.ip_address(ip) <= ipaddress.ip_address("192.0.2.189")
+    pools_path = Path(app1.config["paths"]["pools"])
+    before = pools_path.read_bytes()
+    refused = subprocess.run([*cli, "add", "clash", "-a", "192.0.2.185/32", *conf],
+                             capture_output=True, text=True, check=False)
+    assert refused.returncode != 0 and "overlaps" in refused.stderr
+    assert pools_path.read_bytes() == before
+    # A hand edit that breaks the file is refused by the running daemons, which keep the old pools.
+    pools_path.write_text(before.decode() + "  bogus: 1\n")
+    wait_for(lambda: app1.metric("lbappliance_config_stale", {"file": "pools"}) == 1.0, 10, what="stale flag")
+    core.create_namespaced_service(ns, _service("still", 30091, annotations={"lbappliance.io/pool": "extra"}))
+    assert _wait_ingress(core, ns, "still")
+    pools_path.write_bytes(before)
+    wait_for(lambda: app1.metric("lbappliance_config_stale", {"file": "pools"}) == 0.0, 10, what="stale cleared")
+    # Removing a pool that holds live addresses is refused by the daemon (addresses are never yanked).
+    subprocess.run([*cli, "remove", "extra", *conf], capture_output=True, text=True, check=True)
+    wait_for(lambda: app1.metric("lbappliance_config_stale", {"file": "pools"}) == 1.0, 10,
+             what="removal of a pool in use refused")
+    assert _ingress(core, ns, "fresh") == [ip]
+    for name in ("fresh", "still"):
+        core.delete_namespaced_service(name, ns)
+    pools_path.write_bytes(before)
+    wait_for(lambda: app2.metric("lbappliance_config_stale", {"file": "pools"}) == 0.0, 10, what="recovered")
+    yaml.safe_load(pools_path.read_text())
