@@ -24,6 +24,7 @@ from .core.config import ApplianceConfig, ConfigError, load_pools, parse_config
 from .core.ipam import allocate
 from .core.kube import is_handled, needs_cleanup, parse_objects
 from .core.models import Allocation, DesiredState, Pool, Problem, Reason, Service
+from .core.perf import gc_paused
 from .core.plan import Snapshot, plan
 from .edges import systemd
 from .edges.apply import DataPlane
@@ -242,7 +243,8 @@ class Daemon:
     def reconcile_once(self) -> DesiredState | None:
         start = time.perf_counter()
         try:
-            state = self._pass()
+            with gc_paused():
+                state = self._pass()
         except Exception:
             self.metrics.errors.inc()
             log.exception("reconcile pass failed; the data plane keeps its last good state")

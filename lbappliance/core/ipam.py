@@ -9,6 +9,7 @@ ones, then automatic picks, so a newer request never displaces an address in use
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ class Owner:
 @dataclass
 class _State:
     pools: Sequence[Pool]
-    used: dict[IPAddress, Owner] = field(default_factory=dict)
+    used: dict[tuple[int, int], Owner] = field(default_factory=dict)  # (version, int): cheap to hash
     cursors: dict[tuple[str, int], int] = field(default_factory=dict)
     assigned: dict[str, dict[Family, IPAddress]] = field(default_factory=dict)
     pool_of: dict[IPAddress, str] = field(default_factory=dict)
@@ -170,7 +171,7 @@ def allocate(
                 _release(state, intent, address)
             continue
         assignments[intent.service.key] = tuple(str(got[f]) for f in intent.families if f in got)
-    pool_of = {str(a): p for a, p in state.pool_of.items() if a in state.used}
+    pool_of = {str(a): p for a, p in state.pool_of.items() if _slot(a) in state.used}
     return Allocation(assignments=assignments, pool_of=pool_of, problems=tuple(sorted(state.problems)))
 
 
@@ -185,9 +186,9 @@ def _admitting_pool(state: _State, intent: Intent, address: IPAddress) -> Pool |
 
 
 def _claim(state: _State, intent: Intent, address: IPAddress, pool: Pool) -> None:
-    owner = state.used.get(address)
+    owner = state.used.get(_slot(address))
     if owner is None:
-        state.used[address] = Owner(intent.sharing, set(intent.ports), [intent.service.key])
+        state.used[_slot(address)] = Owner(intent.sharing, set(intent.ports), [intent.service.key])
     else:
         owner.ports |= intent.ports
         owner.services.append(intent.service.key)
@@ -196,11 +197,11 @@ def _claim(state: _State, intent: Intent, address: IPAddress, pool: Pool) -> Non
 
 
 def _release(state: _State, intent: Intent, address: IPAddress) -> None:
-    owner = state.used[address]
+    owner = state.used[_slot(address)]
     owner.services.remove(intent.service.key)
     owner.ports -= intent.ports
     if not owner.services:
-        del state.used[address]
+        del state.used[_slot(address)]
 
 
 def _usable(state: _State, intent: Intent, address: IPAddress) -> tuple[Pool | None, str]:
@@ -208,7 +209,7 @@ def _usable(state: _State, intent: Intent, address: IPAddress) -> tuple[Pool | N
     if pool is None:
         where = f"pool {intent.pool!r}" if intent.pool else "any pool that admits this Service"
         return None, f"{address} is not in {where}"
-    owner = state.used.get(address)
+    owner = state.used.get(_slot(address))
     if owner is not None and not owner.admits(intent):
         why = "without a matching sharing key" if not owner.admits_key(intent) else "with a port clash"
         return None, f"{address} is already used by {', '.join(owner.services)} {why}"
@@ -260,8 +261,9 @@ def _pool_scope(intent: Intent) -> str:
 def _shared_address(state: _State, intent: Intent, family: Family) -> tuple[IPAddress, Pool] | None:
     if intent.sharing is None:
         return None
-    shared = (a for a, o in state.used.items() if o.sharing == intent.sharing)
-    for address in sorted(shared, key=lambda a: (a.version, int(a))):
+    shared = sorted(slot for slot, o in state.used.items() if o.sharing == intent.sharing)
+    for version, value in shared:
+        address: IPAddress = ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value)
         if family_of(address) != family:
             continue
         pool, _ = _usable(state, intent, address)
@@ -282,20 +284,23 @@ def _free_address(state: _State, intent: Intent, family: Family) -> tuple[IPAddr
             if rng.family != family:
                 continue
             start = state.cursors.get((pool.name, index), int(rng.first))
-            first_type = type(rng.first)
+            version = rng.first.version
             value = start
             last = int(rng.last)
             while value <= last:
-                address = first_type(value)
-                if address not in state.used and not (pool.avoid_buggy_ips and _buggy(address)):
+                if (version, value) not in state.used and not (pool.avoid_buggy_ips and _buggy_value(version, value)):
                     state.cursors[(pool.name, index)] = value + 1
-                    return address, pool
+                    return type(rng.first)(value), pool
                 value += 1
             state.cursors[(pool.name, index)] = value
     return None, None
 
 
-def _buggy(address: IPAddress) -> bool:
+def _buggy_value(version: int, value: int) -> bool:
     """Addresses ending in .0 or .255, which some old client stacks mistake for broadcast."""
-    return address.version == 4 and (int(address) & 0xFF) in (0, 0xFF)
+    return version == 4 and (value & 0xFF) in (0, 0xFF)
+
+
+def _slot(address: IPAddress) -> tuple[int, int]:
+    return address.version, int(address)
 

@@ -32,7 +32,8 @@ def pools_yaml(ranges: Iterable[str] = (VIP_POOL_V4, VIP_POOL_V6)) -> str:
 
 
 def appliance_config(lab: NetworkLab, host: str, peer: str, state_dir: Path, kubeconfig: Path,
-                     pools_path: Path, priority: int, lease_seconds: float = 4.0) -> dict[str, Any]:
+                     pools_path: Path, priority: int, lease_seconds: float = 4.0,
+                     health_ms: int = 500) -> dict[str, Any]:
     me, other = lab.hosts[host], lab.hosts[peer]
     return {
         "apiVersion": "lbappliance.io/v1alpha1",
@@ -42,7 +43,7 @@ def appliance_config(lab: NetworkLab, host: str, peer: str, state_dir: Path, kub
         "vrrp": {"interface": "eth0", "priority": priority, "advertInterval": 0.1,
                  "unicastSrcIp": me.ipv4, "unicastPeers": [other.ipv4],
                  "unicastSrcIp6": me.ipv6, "unicastPeers6": [other.ipv6]},
-        "healthCheck": {"intervalMilliseconds": 500, "fall": 2, "rise": 2},
+        "healthCheck": {"intervalMilliseconds": health_ms, "fall": 2, "rise": 2},
         "haproxy": {"statsAddress": None, "maxconn": 4000, "hardStopAfter": "10s"},
         "paths": {"pools": str(pools_path), "stateDir": str(state_dir),
                   "haproxyConfig": str(state_dir / "haproxy.cfg"),
@@ -120,14 +121,15 @@ class Appliance:
 
 
 def make_pair(lab: NetworkLab, workdir: Path, kubeconfig: Path, pools: str | None = None,
-              lease_seconds: float = 4.0) -> tuple[Appliance, Appliance]:
+              lease_seconds: float = 4.0, health_ms: int = 500) -> tuple[Appliance, Appliance]:
     pools_path = workdir / "pools.yaml"
     pools_path.write_text(pools or pools_yaml())
     pair = []
     for host, peer, priority in (("app1", "app2", 150), ("app2", "app1", 100)):
         state_dir = workdir / host
         state_dir.mkdir(parents=True, exist_ok=True)
-        config = appliance_config(lab, host, peer, state_dir, kubeconfig, pools_path, priority, lease_seconds)
+        config = appliance_config(lab, host, peer, state_dir, kubeconfig, pools_path, priority, lease_seconds,
+                                  health_ms)
         config_path = workdir / f"{host}.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         pair.append(Appliance(host, lab.hosts[host].netns, config_path, config, workdir / f"{host}.log"))

@@ -1,0 +1,164 @@
+"""Convergence against the real control plane and the network lab. Prints a table.
+
+    sudo python bench/convergence.py [--one-by-one 200] [--burst 1000]
+
+Measures, with both appliances running under the least-privilege identity:
+  * create -> status written, p50/p99 over N Services created one by one;
+  * create -> VIP answering from the client host, p50/p99 (each Service requests its address
+    so the client can start probing at once);
+  * B Services created at once -> time until all have addresses (groups of 4 share an address
+    with lbappliance.io/allow-shared-ip, since the documentation ranges hold < 1,000 addresses);
+  * Kubernetes API requests per Service (both daemons, from their metrics).
+Targets: p99 create->status <= 1 s, create->serving <= 2 s, 1,000 at once <= 15 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lbappliance.testing.appliances import make_pair, node_objects, pools_yaml, wait_for  # noqa: E402
+
+WAITER = r"""
+import http.client, sys, time
+for line in sys.stdin:
+    vip, port = line.split()
+    while True:
+        c = http.client.HTTPConnection(vip, int(port), timeout=0.2)
+        try:
+            c.request("GET", "/"); r = c.getresponse(); r.read()
+            if r.status == 200: break
+        except OSError: pass
+        finally: c.close()
+        time.sleep(0.005)
+    print(vip, repr(time.time()), flush=True)
+"""
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def service(name: str, port: int, node_port: int | None, annotations: dict[str, str]) -> dict[str, Any]:
+    spec_port: dict[str, Any] = {"name": "p", "port": port, "targetPort": 8080, "protocol": "TCP"}
+    if node_port:
+        spec_port["nodePort"] = node_port
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "annotations": annotations},
+            "spec": {"type": "LoadBalancer", "selector": {"app": name}, "ports": [spec_port]}}
+
+
+def status_time(core: Any, ns: str, name: str, deadline: float) -> float | None:
+    while time.time() < deadline:
+        svc = core.read_namespaced_service_status(name, ns)
+        if svc.status.load_balancer.ingress:
+            return time.time()
+        time.sleep(0.005)
+    return None
+
+
+def one_by_one(core: Any, lab: Any, ns: str, count: int) -> tuple[list[float], list[float]]:
+    addresses = [str(a) for a in ipaddress.ip_network("198.51.100.0/24").hosts()][:count]
+    waiter = subprocess.Popen(["ip", "netns", "exec", lab.hosts["client"].netns, sys.executable, "-I", "-c", WAITER],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    to_status, to_serving = [], []
+    assert waiter.stdin is not None and waiter.stdout is not None
+    for i, vip in enumerate(addresses):
+        name = f"one-{i}"
+        t0 = time.time()
+        core.create_namespaced_service(ns, service(name, 80, 30100 + i % 4,
+                                                   {"lbappliance.io/load-balancer-ips": vip}))
+        waiter.stdin.write(f"{vip} 80\n")
+        waiter.stdin.flush()
+        written = status_time(core, ns, name, t0 + 30)
+        answered = float(waiter.stdout.readline().split()[1])
+        if written is not None:
+            to_status.append(written - t0)
+        to_serving.append(answered - t0)
+    waiter.stdin.close()
+    waiter.wait(10)
+    return to_status, to_serving
+
+
+def burst(core: Any, ns: str, count: int) -> float:
+    t0 = time.time()
+    for i in range(count):
+        core.create_namespaced_service(ns, service(f"burst-{i}", 1000 + i % 4, None,
+                                                   {"lbappliance.io/allow-shared-ip": f"k{i // 4}"}))
+    created = time.time() - t0
+
+    def all_have() -> bool:
+        items = core.list_namespaced_service(ns).items
+        return sum(1 for s in items if s.status.load_balancer.ingress) >= count
+
+    wait_for(all_have, 120, interval=0.25, what="all burst Services addressed")
+    print(f"  (creating {count} Services took {created:.1f}s of that)", file=sys.stderr)
+    return time.time() - t0
+
+
+def main() -> None:
+    from kubernetes import client, config
+
+    from lbappliance.testing.controlplane import ControlPlane, apply_manifest, find_binaries
+    from lbappliance.testing.netlab import NetworkLab
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--one-by-one", type=int, default=200)
+    parser.add_argument("--burst", type=int, default=1000)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="lbappliance-bench-"))
+    with ControlPlane(find_binaries(REPO)) as cp, NetworkLab(prefix="lbb", nodes=3, workdir=work / "lab") as lab:
+        admin = config.new_client_from_config(config_file=str(cp.admin_kubeconfig))
+        core = client.CoreV1Api(admin)
+        apply_manifest(admin, REPO / "deploy" / "rbac.yaml")
+        for node in node_objects(lab):
+            core.create_node(node)
+        lab.serve_nodeports([30100, 30101, 30102, 30103])
+        lab.serve_health_ports()
+        pools = pools_yaml(["192.0.2.128/25", "198.51.100.0/24", "203.0.113.0/24"])
+        for extra in ("198.51.100.0/24", "203.0.113.0/24"):  # VIPs beyond the lab subnet are on-link too
+            lab.exec("client", ["ip", "route", "add", extra, "dev", "eth0"])
+        app1, app2 = make_pair(lab, work, cp.appliance_kubeconfig, pools=pools, health_ms=5000)
+        app1.start()
+        app2.start()
+        try:
+            wait_for(lambda: app1.status() and app2.status(), 60, what="daemons")
+            for ns in ("one", "burst"):
+                core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+            req0 = sum(a.metric("lbappliance_api_requests") or 0 for a in (app1, app2))
+            to_status, to_serving = one_by_one(core, lab, "one", args.one_by_one)
+            req1 = sum(a.metric("lbappliance_api_requests") or 0 for a in (app1, app2))
+            burst_s = burst(core, "burst", args.burst)
+            req2 = sum(a.metric("lbappliance_api_requests") or 0 for a in (app1, app2))
+        finally:
+            app1.stop()
+            app2.stop()
+    rows = [
+        (f"create -> status written, p50 ({len(to_status)} one by one)", statistics.median(to_status), None),
+        ("create -> status written, p99", pct(to_status, 0.99), 1.0),
+        ("create -> VIP answering from client, p50", statistics.median(to_serving), None),
+        ("create -> VIP answering from client, p99", pct(to_serving, 0.99), 2.0),
+        (f"{args.burst} Services at once -> all addressed (s)", burst_s, 15.0),
+        ("API requests per Service, one by one (both daemons)", (req1 - req0) / max(1, args.one_by_one), None),
+        ("API requests per Service, burst (both daemons)", (req2 - req1) / max(1, args.burst), None),
+    ]
+    print(f"{'figure':<58} {'value':>8} {'target':>8}  verdict")
+    for name, value, target in rows:
+        verdict = "" if target is None else ("ok" if value <= target else "OVER")
+        print(f"{name:<58} {value:>8.3f} {'-' if target is None else f'{target:.2f}':>8}  {verdict}")
+    print(json.dumps({"to_status": to_status[:5], "to_serving": to_serving[:5]}), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

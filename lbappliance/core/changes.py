@@ -1,0 +1,118 @@
+"""Classify the difference between two desired states: no-op, runtime-API only, or reload.
+
+Pure. A reload is seamless but not free (a new worker, old workers lingering on long
+connections), so everything the HAProxy runtime API can change live — which servers a
+backend has and where they point — is expressed as runtime operations instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from .models import Backend, DesiredState, Frontend
+from .render import server_options, server_target
+
+ChangeKind = Literal["noop", "runtime", "reload"]
+
+
+@dataclass(frozen=True)
+class ServerAdd:
+    """`add server <backend>/<name> <target> <options>` then enable it."""
+
+    backend: str
+    name: str
+    target: str
+    options: str
+
+
+@dataclass(frozen=True)
+class ServerRemove:
+    """Drain, put in maintenance, then `del server` once it has no connections."""
+
+    backend: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ServerReaddress:
+    """`set server <backend>/<name> addr <address> port <port>`: a node changed its address."""
+
+    backend: str
+    name: str
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: ChangeKind
+    adds: tuple[ServerAdd, ...] = ()
+    removes: tuple[ServerRemove, ...] = ()
+    readdresses: tuple[ServerReaddress, ...] = ()
+    keepalived_changed: bool = False
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def runtime_ops(self) -> int:
+        return len(self.adds) + len(self.removes) + len(self.readdresses)
+
+
+def _skeleton(frontend: Frontend) -> Frontend:
+    """The frontend with its server list blanked: what only a reload can change."""
+    return replace(frontend, backend=replace(frontend.backend, servers=()))
+
+
+def _backends(state: DesiredState) -> dict[str, Backend]:
+    return {f.backend.name: f.backend for f in state.frontends}
+
+
+def structural_differences(old: DesiredState, new: DesiredState) -> tuple[str, ...]:
+    """Why a reload is needed (empty when only server membership/addresses differ)."""
+    old_fe = {f.name: _skeleton(f) for f in old.frontends}
+    new_fe = {f.name: _skeleton(f) for f in new.frontends}
+    reasons = [f"frontend {n} added" for n in sorted(new_fe.keys() - old_fe.keys())]
+    reasons += [f"frontend {n} removed" for n in sorted(old_fe.keys() - new_fe.keys())]
+    reasons += [f"frontend {n} changed" for n in sorted(old_fe.keys() & new_fe.keys()) if old_fe[n] != new_fe[n]]
+    if [f.name for f in old.frontends] != [f.name for f in new.frontends] and not reasons:
+        reasons.append("frontend order changed")
+    return tuple(reasons)
+
+
+def _server_diff(old: Backend, new: Backend) -> tuple[list[ServerAdd], list[ServerRemove], list[ServerReaddress]]:
+    before = {s.name: s for s in old.servers}
+    after = {s.name: s for s in new.servers}
+    options = server_options(new)
+    adds = [ServerAdd(new.name, n, server_target(after[n], new.port), options)
+            for n in sorted(after.keys() - before.keys())]
+    removes = [ServerRemove(new.name, n) for n in sorted(before.keys() - after.keys())]
+    moves = [ServerReaddress(new.name, n, after[n].address, new.port)
+             for n in sorted(before.keys() & after.keys()) if before[n].address != after[n].address]
+    return adds, removes, moves
+
+
+def runtime_changes(old: DesiredState, new: DesiredState) -> Change:
+    """Server-level operations turning `old` into `new`; only valid when there is no structural change."""
+    adds: list[ServerAdd] = []
+    removes: list[ServerRemove] = []
+    moves: list[ServerReaddress] = []
+    old_be = _backends(old)
+    for name, backend in sorted(_backends(new).items()):
+        a, r, m = _server_diff(old_be[name], backend)
+        adds += a
+        removes += r
+        moves += m
+    kind: ChangeKind = "runtime" if adds or removes or moves else "noop"
+    return Change(kind, tuple(adds), tuple(removes), tuple(moves))
+
+
+def classify(old: DesiredState | None, new: DesiredState) -> Change:
+    """What applying `new` over `old` takes; `old=None` (nothing known to be running) means reload."""
+    keepalived_changed = old is None or old.vrrp != new.vrrp
+    if old is None:
+        return Change("reload", keepalived_changed=True, reasons=("no previous state",))
+    reasons = structural_differences(old, new)
+    if reasons:
+        return Change("reload", keepalived_changed=keepalived_changed, reasons=reasons)
+    change = runtime_changes(old, new)
+    return replace(change, keepalived_changed=keepalived_changed)
