@@ -256,7 +256,9 @@ class Publisher:
         call = self.core.patch_namespaced_service_status if status else self.core.patch_namespaced_service
         self.requests += 1
         try:
-            updated = call(name, namespace, body, _request_timeout=10)
+            # The v37 client sends dict bodies as JSON Patch unless told otherwise.
+            updated = call(name, namespace, body, _request_timeout=10,
+                           _content_type="application/merge-patch+json")
         except ApiException as exc:
             if exc.status == 404:
                 return None

@@ -215,9 +215,7 @@ class _PKI:
         return self.ca_cert.public_bytes(self._ser.Encoding.PEM)
 
     def _key_pem(self, key) -> bytes:  # type: ignore[no-untyped-def]
-        return key.private_bytes(
-            self._ser.Encoding.PEM, self._ser.PrivateFormat.PKCS8, self._ser.NoEncryption()
-        )
+        return key.private_bytes(self._ser.Encoding.PEM, self._ser.PrivateFormat.PKCS8, self._ser.NoEncryption())
 
     def issue(
         self,
@@ -257,9 +255,7 @@ class _PKI:
                 critical=True,
             )
             .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ca_key.public_key()), critical=False
-            )
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ca_key.public_key()), critical=False)
         )
         if server:
             sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
@@ -278,9 +274,7 @@ class _PKI:
         priv = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        pub = key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         return priv, pub
 
 
@@ -388,9 +382,7 @@ class _Proc:
             try:
                 self.popen.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                log.warning(
-                    "%s (pid %d) ignored SIGTERM for %.0fs; sending SIGKILL", self.name, self.pid, timeout
-                )
+                log.warning("%s (pid %d) ignored SIGTERM for %.0fs; sending SIGKILL", self.name, self.pid, timeout)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.popen.pid, signal.SIGKILL)
                 self.popen.wait(timeout=10)
@@ -562,9 +554,7 @@ class ControlPlane:
             self.stop()
             raise
         self.ready_seconds = time.monotonic() - t0
-        log.info(
-            "control plane ready in %.2fs at %s (workdir %s)", self.ready_seconds, self.url, self.workdir
-        )
+        log.info("control plane ready in %.2fs at %s (workdir %s)", self.ready_seconds, self.url, self.workdir)
         return self.ready_seconds
 
     def stop(self) -> None:
@@ -576,9 +566,7 @@ class ControlPlane:
         if self.workdir is None:
             return
         if self._failed or self.keep:
-            print(
-                f"lbappliance control plane: kept {self.workdir} (logs in {self.logs_dir})", file=sys.stderr
-            )
+            print(f"lbappliance control plane: kept {self.workdir} (logs in {self.logs_dir})", file=sys.stderr)
         elif self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -615,9 +603,7 @@ class ControlPlane:
     def _write_pki(self) -> None:
         pki = _PKI()
         self._pki = pki
-        sans_ip = sorted(
-            {"127.0.0.1", self.bind_address, str(next(ipaddress.ip_network(self.service_cidr).hosts()))}
-        )
+        sans_ip = sorted({"127.0.0.1", self.bind_address, str(next(ipaddress.ip_network(self.service_cidr).hosts()))})
         serving = pki.issue(
             "kube-apiserver",
             server=True,
@@ -654,9 +640,7 @@ class ControlPlane:
         )
         _write(
             self.appliance_kubeconfig,
-            _kubeconfig(
-                self.url, self._pki.ca_pem, APPLIANCE_USER, self._appliance_pair, "lbappliance"
-            ).encode(),
+            _kubeconfig(self.url, self._pki.ca_pem, APPLIANCE_USER, self._appliance_pair, "lbappliance").encode(),
         )
 
     def make_kubeconfig(self, user: str, groups: Sequence[str] = (), path: Path | str | None = None) -> Path:
@@ -693,8 +677,7 @@ class ControlPlane:
         while True:
             if not self._etcd.alive():
                 raise ControlPlaneError(
-                    f"etcd exited with {self._etcd.popen.returncode}; "
-                    f"log {self.etcd_log}:\n{_tail(self.etcd_log)}"
+                    f"etcd exited with {self._etcd.popen.returncode}; log {self.etcd_log}:\n{_tail(self.etcd_log)}"
                 )
             try:
                 with urllib.request.urlopen(f"{self.etcd_url}/health", timeout=2) as r:
@@ -781,8 +764,7 @@ class ControlPlane:
                 last = f"{stage}: {e}"
             if time.monotonic() > deadline:
                 raise ControlPlaneError(
-                    f"kube-apiserver not ready ({last}); "
-                    f"log {self.apiserver_log}:\n{_tail(self.apiserver_log)}"
+                    f"kube-apiserver not ready ({last}); log {self.apiserver_log}:\n{_tail(self.apiserver_log)}"
                 )
             time.sleep(0.05)
 
@@ -811,9 +793,7 @@ class ControlPlane:
         return rev
 
 
-def apply_manifest(
-    api_client: object, path: Path | str, *, field_manager: str = "lbappliance-tests"
-) -> list[dict]:
+def apply_manifest(api_client: object, path: Path | str, *, field_manager: str = "lbappliance-tests") -> list[dict]:
     """Server-side apply every object of a YAML manifest (idempotent) with a
     ``kubernetes.client.ApiClient``; e.g. ``deploy/rbac.yaml`` as admin. Returns the documents."""
     import yaml
@@ -834,12 +814,8 @@ def apply_manifest(
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(
-        prog="python -m lbappliance.testing.controlplane", description=__doc__.split("\n")[0]
-    )
-    p.add_argument(
-        "--workdir", help="keep certs/kubeconfigs/logs here (default: a temp dir, removed on exit)"
-    )
+    p = argparse.ArgumentParser(prog="python -m lbappliance.testing.controlplane", description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", help="keep certs/kubeconfigs/logs here (default: a temp dir, removed on exit)")
     p.add_argument("--bin-dir", help=f"directory with kube-apiserver and etcd (default: ${BIN_ENV} or build)")
     p.add_argument("--bind-address", default="127.0.0.1")
     p.add_argument("--keep", action="store_true", help="keep the work directory on exit")

@@ -98,7 +98,5 @@ def namespace(admin_api: Any) -> str:
     from kubernetes import client
 
     name = f"e2e-{uuid.uuid4().hex[:8]}"
-    client.CoreV1Api(admin_api).create_namespace(
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
-    )
+    client.CoreV1Api(admin_api).create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     return name

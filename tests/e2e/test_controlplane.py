@@ -11,6 +11,7 @@ to loopback.
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from collections.abc import Callable
@@ -30,9 +31,7 @@ LEASE_NAME = "lbappliance-leader"
 WARM_START_LIMIT_S = 10.0
 
 
-def wait_for(
-    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.1, what: str = ""
-) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.1, what: str = "") -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
     while True:
@@ -110,13 +109,8 @@ def test_status_patch_with_ip_mode_proxy_is_accepted(admin_api: Any, namespace: 
     assert [(i.ip, i.ip_mode) for i in again.status.load_balancer.ingress] == [("192.0.2.10", "Proxy")]
 
     # A plain spec update through the main resource does not touch status.
-    core.patch_namespaced_service(
-        "status-ok", namespace, {"metadata": {"labels": {"x": "y"}}}, _content_type=MERGE
-    )
-    assert (
-        core.read_namespaced_service("status-ok", namespace).status.load_balancer.ingress[0].ip
-        == "192.0.2.10"
-    )
+    core.patch_namespaced_service("status-ok", namespace, {"metadata": {"labels": {"x": "y"}}}, _content_type=MERGE)
+    assert core.read_namespaced_service("status-ok", namespace).status.load_balancer.ingress[0].ip == "192.0.2.10"
 
 
 @pytest.mark.parametrize(
@@ -127,9 +121,7 @@ def test_status_patch_with_ip_mode_proxy_is_accepted(admin_api: Any, namespace: 
         pytest.param([{"ip": "not-an-ip", "ipMode": "Proxy"}], id="ip-invalid"),
     ],
 )
-def test_invalid_status_patch_is_rejected(
-    admin_api: Any, namespace: str, ingress: list[dict[str, str]]
-) -> None:
+def test_invalid_status_patch_is_rejected(admin_api: Any, namespace: str, ingress: list[dict[str, str]]) -> None:
     core = client.CoreV1Api(admin_api)
     core.create_namespaced_service(namespace, lb_service("status-bad"))
     patch = {"status": {"loadBalancer": {"ingress": ingress}}}
@@ -218,9 +210,7 @@ def test_appliance_identity_is_least_privilege(
 
     apply_rbac()
 
-    wait_for(
-        lambda: core.list_service_for_all_namespaces() is not None, timeout=10, what="RBAC to take effect"
-    )
+    wait_for(lambda: core.list_service_for_all_namespaces() is not None, timeout=10, what="RBAC to take effect")
 
     # list + watch services
     names = {s.metadata.name for s in core.list_namespaced_service(namespace).items}
@@ -229,7 +219,7 @@ def test_appliance_identity_is_least_privilege(
     try:
         assert resp.status == 200
     finally:
-        resp.release_conn()
+        _discard(resp)
 
     # services/status and the finalizer on services
     out = core.patch_namespaced_service_status(
@@ -260,7 +250,7 @@ def test_appliance_identity_is_least_privilege(
         {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"generateName": "rbac."},
+            "metadata": {"generateName": "rbac-"},
             "involvedObject": involved,
             "reason": "IPAllocated",
             "message": "Assigned IP 192.0.2.20",
@@ -268,13 +258,17 @@ def test_appliance_identity_is_least_privilege(
             "source": {"component": "lbappliance"},
         },
     )
-    now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+    # kubernetes-client parses eventTime into a datetime and re-serialises it with
+    # isoformat(), which drops the fraction when microsecond == 0; the apiserver then
+    # rejects the MicroTime with 400. Keep the fraction non-zero.
+    now = datetime.datetime.now(datetime.UTC)
+    now = now.replace(microsecond=now.microsecond or 1)
     events_v1.create_namespaced_event(
         namespace,
         {
             "apiVersion": "events.k8s.io/v1",
             "kind": "Event",
-            "metadata": {"generateName": "rbac."},
+            "metadata": {"generateName": "rbac-"},
             "eventTime": now,
             "regarding": involved,
             "reason": "IPAllocated",
@@ -313,9 +307,7 @@ def test_appliance_identity_is_least_privilege(
     expect_status(403, lambda: core.delete_namespaced_service("rbac", namespace))
     expect_status(403, lambda: core.create_namespaced_service(namespace, lb_service("nope")))
     expect_status(403, lambda: core.list_namespaced_pod(namespace))
-    expect_status(
-        403, lambda: core.patch_node("any", {"metadata": {"labels": {"x": "y"}}}, _content_type=MERGE)
-    )
+    expect_status(403, lambda: core.patch_node("any", {"metadata": {"labels": {"x": "y"}}}, _content_type=MERGE))
     expect_status(403, lambda: coord.list_namespaced_lease(LEASE_NS))
     expect_status(403, lambda: coord.delete_namespaced_lease(LEASE_NAME, LEASE_NS))
     expect_status(
@@ -333,9 +325,7 @@ def test_appliance_identity_is_least_privilege(
 # --------------------------------------------------------------------------- watch + compaction
 
 
-def _watch_first_event(
-    api_client: Any, namespace: str, resource_version: str
-) -> tuple[int, dict[str, Any] | None]:
+def _watch_first_event(api_client: Any, namespace: str, resource_version: str) -> tuple[int, dict[str, Any] | None]:
     """Open a Service watch from ``resource_version``; (HTTP status, first event or None).
 
     An expired resourceVersion shows up either as HTTP 410 (watch cache) or as
@@ -363,7 +353,14 @@ def _watch_first_event(
                 return resp.status, json.loads(line)
         return resp.status, (json.loads(buf) if buf.strip() else None)
     finally:
-        resp.release_conn()
+        _discard(resp)
+
+
+def _discard(resp: Any) -> None:
+    """Close a streamed response. (release_conn() on an unread watch stream would hand a
+    dirty connection back to the pool and break the next request on it.)"""
+    resp.close()
+    resp.release_conn()
 
 
 def _is_gone(status: int, event: dict[str, Any] | None) -> bool:
@@ -372,9 +369,7 @@ def _is_gone(status: int, event: dict[str, Any] | None) -> bool:
     return bool(event and event.get("type") == "ERROR" and event.get("object", {}).get("code") == 410)
 
 
-def test_watch_from_compacted_resource_version_is_gone(
-    control_plane: Any, admin_api: Any, namespace: str
-) -> None:
+def test_watch_from_compacted_resource_version_is_gone(control_plane: Any, admin_api: Any, namespace: str) -> None:
     core = client.CoreV1Api(admin_api)
     created = core.create_namespaced_service(namespace, lb_service("watched"))
     old_rv = created.metadata.resource_version
@@ -390,10 +385,12 @@ def test_watch_from_compacted_resource_version_is_gone(
     rev = control_plane.etcd_compact()
     assert rev > int(old_rv)
 
-    # The apiserver's watch cache may keep serving old RVs from memory until its
-    # window moves; after an API outage (restart) it re-lists at the current
-    # revision, and resuming from a compacted RV must answer 410 Gone -- the
-    # daemon then re-lists. (Consistent with the "API outage" scenario.)
+    # Measured on v1.34.4: right after compaction the apiserver's watch cache still
+    # serves the compacted RV from memory (watch -> MODIFIED, even an Exact list).
+    # After an API outage (restart) the cache re-lists at the current revision, and
+    # resuming from the compacted RV answers 410: for a watch as HTTP 200 + an ERROR
+    # event {code: 410, reason: Expired, "too old resource version"}, for an Exact
+    # list as HTTP 410. The daemon must re-list on either form.
     control_plane.stop_apiserver()
     restart_s = control_plane.start_apiserver()
     print(f"\napiserver restart to ready: {restart_s:.2f}s")
@@ -404,9 +401,7 @@ def test_watch_from_compacted_resource_version_is_gone(
     # etcd itself refuses the compacted revision too (an exact list bypasses the cache).
     exc = expect_status(
         410,
-        lambda: core.list_namespaced_service(
-            namespace, resource_version=old_rv, resource_version_match="Exact"
-        ),
+        lambda: core.list_namespaced_service(namespace, resource_version=old_rv, resource_version_match="Exact"),
     )
     assert "compacted" in (exc.body or "") or "too old" in (exc.body or ""), exc.body
 
