@@ -84,6 +84,12 @@ class VrrpSettings(_Strict):
     unicast_peers: tuple[str, ...] = Field(default=(), alias="unicastPeers")
     unicast_src_ip6: str | None = Field(default=None, alias="unicastSrcIp6")
     unicast_peers6: tuple[str, ...] = Field(default=(), alias="unicastPeers6")
+    # Constant addresses every box advertises. Service VIPs ride along as excluded addresses,
+    # so adding or removing one never changes the advert: keepalived drops adverts whose address
+    # count differs from its own, and the two boxes never reload at the same instant.
+    # Defaults are link-local (IPv6 VRRPv3 wants a link-local first address anyway).
+    anchor_address: str | None = Field(default=None, alias="anchorAddress")
+    anchor_address6: str | None = Field(default=None, alias="anchorAddress6")
     nopreempt: bool = True
     realtime_priority: int | None = Field(default=50, alias="realtimePriority", ge=1, le=99)
     check_interval: int = Field(default=1, alias="checkIntervalSeconds", ge=1, le=60)
@@ -95,7 +101,7 @@ class VrrpSettings(_Strict):
             raise ValueError(f"not a valid interface name: {v!r}")
         return v
 
-    @field_validator("unicast_src_ip", "unicast_src_ip6")
+    @field_validator("anchor_address", "anchor_address6", "unicast_src_ip", "unicast_src_ip6")
     @classmethod
     def _src(cls, v: str | None) -> str | None:
         return None if v is None else str(_ip(v))
@@ -104,6 +110,11 @@ class VrrpSettings(_Strict):
     @classmethod
     def _peers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(str(_ip(p)) for p in v)
+
+    def anchor(self, family: str) -> str:
+        if family == "IPv4":
+            return self.anchor_address or f"169.254.64.{self.router_ids.ipv4}"
+        return self.anchor_address6 or f"fe80::64:{self.router_ids.ipv6}"
 
     @field_validator("advert_interval")
     @classmethod

@@ -158,15 +158,19 @@ def backend_targets(nodes: Sequence[Node], preference: Sequence[str]) -> dict[Fa
 
 
 def vrrp_instances(vips: Iterable[str], config: ApplianceConfig) -> tuple[VrrpInstance, ...]:
-    """One VRRP instance per address family that has VIPs."""
+    """IPv4 always, IPv6 when configured or in use: instances never come and go with Services,
+    so a box's VRRP state survives any Service change."""
     by_family: dict[Family, list[str]] = {"IPv4": [], "IPv6": []}
     for vip in vips:
         by_family[family_of(parse_address(vip))].append(vip)
     ids = {"IPv4": config.vrrp.router_ids.ipv4, "IPv6": config.vrrp.router_ids.ipv6}
+    wanted: list[Family] = ["IPv4"]
+    if by_family["IPv6"] or config.vrrp.unicast_src_ip6:
+        wanted.append("IPv6")
     return tuple(
-        VrrpInstance(f"VI_{config.name}_{'v4' if f == 'IPv4' else 'v6'}".replace("-", "_"), f, ids[f],
-                     tuple(sorted(v, key=address_sort_key)))
-        for f, v in by_family.items() if v
+        VrrpInstance(f"VI_{'v4' if f == 'IPv4' else 'v6'}", f, ids[f],
+                     tuple(sorted(by_family[f], key=address_sort_key)))
+        for f in wanted
     )
 
 

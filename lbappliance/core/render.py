@@ -10,9 +10,7 @@ from functools import cache
 import jinja2
 
 from .config import ApplianceConfig
-from .models import Backend, DesiredState, Server, VrrpInstance
-
-MAX_ADVERTISED_VIPS = 20  # keepalived advises at most 20 per advert; the rest go in _excluded
+from .models import Backend, DesiredState, Server
 
 
 @dataclass(frozen=True)
@@ -79,10 +77,6 @@ def notify_script(config: ApplianceConfig) -> str:
             f"mv {state_dir}/vrrp-$2.state.tmp {state_dir}/vrrp-$2.state' notify")
 
 
-def split_vips(instance: VrrpInstance) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    return instance.vips[:MAX_ADVERTISED_VIPS], instance.vips[MAX_ADVERTISED_VIPS:]
-
-
 def render_haproxy(state: DesiredState, config: ApplianceConfig) -> str:
     return _environment().get_template("haproxy.cfg.j2").render(
         frontends=state.frontends,
@@ -98,7 +92,6 @@ def render_keepalived(state: DesiredState, config: ApplianceConfig) -> str:
         name=config.name,
         vrrp=config.vrrp,
         instances=state.vrrp,
-        split_vips=split_vips,
         check_script=check_script(config),
         notify_script=notify_script(config),
     )

@@ -64,7 +64,12 @@ def test_other_services_are_unaffected_by_a_broken_one() -> None:
                   annotations={ANN_PROXY: "v9"})
     state = plan_for(good, bad)
     assert list(state.served) == ["default/good"]
-    assert [v.vips for v in state.vrrp] == [state.served["default/good"]]
+    assert [(v.name, v.vips) for v in state.vrrp] == [("VI_v4", state.served["default/good"]), ("VI_v6", ())]
+
+
+def test_vrrp_instances_exist_without_services_so_service_changes_never_add_or_remove_one() -> None:
+    empty = plan_for()
+    assert [(v.name, v.router_id, v.vips) for v in empty.vrrp] == [("VI_v4", 51, ()), ("VI_v6", 52, ())]
 
 
 def test_node_address_type_preference() -> None:

@@ -80,3 +80,22 @@ def test_no_eligible_nodes_renders_an_empty_backend() -> None:
     text = rendered("no-eligible-nodes")["haproxy.cfg"]
     assert "backend be_default_lonely_tcp80_v4" in text
     assert "    server " not in text
+
+
+def _advertised(keepalived_conf: str) -> list[str]:
+    blocks, inside = [], False
+    for line in keepalived_conf.splitlines():
+        if line.strip() == "virtual_ipaddress {":
+            inside = True
+        elif inside and line.strip() == "}":
+            inside = False
+        elif inside:
+            blocks.append(line.strip())
+    return blocks
+
+
+def test_advertised_addresses_do_not_depend_on_services() -> None:
+    # keepalived drops adverts whose address count differs from its own; two boxes that have
+    # not yet seen the same Service change must still agree on the advert.
+    adverts = {tuple(_advertised(rendered(shape)["keepalived.conf"])) for shape in SHAPES}
+    assert adverts == {("169.254.64.51/32 dev eth0 scope link", "fe80::64:52/128 dev eth0")}
