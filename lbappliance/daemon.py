@@ -270,8 +270,9 @@ class Daemon:
         state = plan(replace(snapshot, services=tuple(services)), served)
         result = self.dataplane.apply(state)
         self.metrics.applies.labels(result.kind).inc()
-        if result.kind == "rejected":
-            log.error("data plane refused the new config; still serving the previous one: %s", result.message)
+        if result.kind in ("rejected", "failed"):
+            log.error("data plane %s the new config; still serving the previous one: %s", result.kind,
+                      result.message)
         else:
             self.last_state = state
             if leader:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -103,6 +103,23 @@ def _answered(lab: Any, vip: str, port: int, timeout: float = 10) -> str:
     return wait_for(ok, timeout, interval=0.2, what=f"{vip}:{port} answering")  # type: ignore[no-any-return]
 
 
+def _delete_all(core: Any, ns: str, names: list[str], timeout: float = 20) -> None:
+    """Delete and wait until gone: the leader drops the finalizer once the VIP is withdrawn."""
+    from kubernetes.client.exceptions import ApiException
+
+    from lbappliance.testing.appliances import wait_for
+
+    for name in names:
+        with contextlib.suppress(ApiException):
+            core.delete_namespaced_service(name, ns)
+
+    def gone() -> bool:
+        left = {s.metadata.name for s in core.list_namespaced_service(ns).items}
+        return not (left & set(names))
+
+    wait_for(gone, timeout, what=f"deletion of {names} (finalizer removal)")
+
+
 @pytest.fixture
 def ns(env: dict[str, Any]) -> str:
     name = f"e2e-{uuid.uuid4().hex[:6]}"
@@ -129,8 +146,7 @@ def test_examples_are_served_through_their_vips(env: dict[str, Any], ns: str) ->
     assert FINALIZER in (svc.metadata.finalizers or [])
     status = core.read_namespaced_service_status("web", ns).status.load_balancer.ingress[0]
     assert status.ip_mode == "Proxy"
-    for doc in example_manifests():
-        core.delete_namespaced_service(doc["metadata"]["name"], ns)
+    _delete_all(core, ns, [doc["metadata"]["name"] for doc in example_manifests()])
 
 
 def test_create_update_delete_lifecycle(env: dict[str, Any], ns: str) -> None:
@@ -164,7 +180,7 @@ def test_create_update_delete_lifecycle(env: dict[str, Any], ns: str) -> None:
     core.create_namespaced_service(ns, _service("again", 30092, annotations={
         "lbappliance.io/load-balancer-ips": vip}))
     assert _wait_ingress(core, ns, "again") == [vip]
-    core.delete_namespaced_service("again", ns)
+    _delete_all(core, ns, ["again"])
 
 
 def test_bad_annotation_gets_an_event_and_others_proceed(env: dict[str, Any], ns: str) -> None:
@@ -183,8 +199,7 @@ def test_bad_annotation_gets_an_event_and_others_proceed(env: dict[str, Any], ns
     found = wait_for(event, 10, what="InvalidConfiguration event")
     assert "'not-an-ip' is not an IP address" in found[0].message
     assert _ingress(core, ns, "broken") == []
-    for name in ("broken", "fine"):
-        core.delete_namespaced_service(name, ns)
+    _delete_all(core, ns, ["broken", "fine"])
 
 
 def _leader(core: Any) -> str | None:
@@ -196,30 +211,31 @@ def _leader(core: Any) -> str | None:
 
 
 class Prober:
-    """Requests through a VIP from the client host in a background thread; counts failures."""
+    """lbappliance.testing.prober in the client host for a fixed time: counts failed requests."""
 
-    def __init__(self, lab: Any, vip: str, port: int) -> None:
-        self.lab, self.vip, self.port = lab, vip, port
-        self.ok = self.failed = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            status, _ = _get(self.lab, self.vip, self.port, timeout=2)
-            if status == 200:
-                self.ok += 1
-            else:
-                self.failed += 1
-            time.sleep(0.05)
+    def __init__(self, lab: Any, vip: str, port: int, duration: float) -> None:
+        self.argv = ["ip", "netns", "exec", lab.hosts["client"].netns, sys.executable, "-m",
+                     "lbappliance.testing.prober", "--url", f"http://{vip}:{port}/", "--duration", str(duration),
+                     "--interval", "0.05", "--timeout", "1.0"]
+        self.duration = duration
+        self.result: dict[str, Any] = {}
 
     def __enter__(self) -> Prober:
-        self._thread.start()
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True, cwd=REPO)
+        time.sleep(0.5)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
+        out, _ = self.proc.communicate(timeout=self.duration + 30)
+        self.result = json.loads(out.strip().splitlines()[-1])
+
+    @property
+    def ok(self) -> int:
+        return int(self.result["ok"])
+
+    @property
+    def failed(self) -> int:
+        return int(self.result["failed"])
 
 
 def test_leader_handover_keeps_allocating_and_traffic_flows(env: dict[str, Any], ns: str) -> None:
@@ -235,18 +251,16 @@ def test_leader_handover_keeps_allocating_and_traffic_flows(env: dict[str, Any],
     _answered(lab, vip, 80)
     leader = leaders[0]
     follower = app2 if leader is app1 else app1
-    with Prober(lab, vip, 80) as probe:
+    with Prober(lab, vip, 80, duration=12) as probe:
         leader.stop(signal.SIGKILL)
         wait_for(lambda: _leader(core) == follower.name, 15, what="follower taking the lease")
         core.create_namespaced_service(ns, _service("after", 30091))
         assert _wait_ingress(core, ns, "after", timeout=20)
-        time.sleep(1)
-    assert probe.failed == 0 and probe.ok > 10, f"VIP traffic during handover: {probe.ok} ok, {probe.failed} failed"
+    assert probe.failed == 0 and probe.ok > 100, f"VIP traffic during handover: {probe.ok} ok, {probe.failed} failed"
     assert follower.metric("lbappliance_leader") == 1.0
     leader.start()  # back as follower for the next tests
     wait_for(lambda: leader.metric("lbappliance_leader") == 0.0, 30, what="restarted daemon up as follower")
-    for name in ("ha", "after"):
-        core.delete_namespaced_service(name, ns)
+    _delete_all(core, ns, ["ha", "after"])
 
 
 def test_api_outage_keeps_traffic_and_converges_after(env: dict[str, Any], ns: str) -> None:
@@ -255,15 +269,14 @@ def test_api_outage_keeps_traffic_and_converges_after(env: dict[str, Any], ns: s
     vip = _wait_ingress(core, ns, "steady")[0]
     _answered(lab, vip, 80)
     outage = float(os.environ.get("LBAPPLIANCE_E2E_OUTAGE_SECONDS", "30"))
-    with Prober(lab, vip, 80) as probe:
+    with Prober(lab, vip, 80, duration=outage + 4) as probe:
         cp.stop_apiserver()
         time.sleep(outage)
         cp.start_apiserver()
-    assert probe.failed == 0 and probe.ok > outage, f"{probe.ok} ok, {probe.failed} failed during API outage"
+    assert probe.failed == 0 and probe.ok > outage * 10, f"{probe.ok} ok, {probe.failed} failed during API outage"
     core.create_namespaced_service(ns, _service("later", 30091))
     assert _answered(lab, _wait_ingress(core, ns, "later", timeout=30)[0], 80)
-    for name in ("steady", "later"):
-        core.delete_namespaced_service(name, ns)
+    _delete_all(core, ns, ["steady", "later"])
 
 
 def test_restarting_both_daemons_changes_no_address(env: dict[str, Any], ns: str) -> None:
@@ -286,8 +299,7 @@ def test_restarting_both_daemons_changes_no_address(env: dict[str, Any], ns: str
     after = {n: _ingress(core, ns, n) for n in names[1:]}
     assert after == {n: before[n] for n in names[1:]}
     assert _answered(lab, after[names[1]][0], 80)
-    for name in names[1:]:
-        core.delete_namespaced_service(name, ns)
+    _delete_all(core, ns, names[1:])
 
 
 def test_pool_edit_via_cli_applies_live_and_invalid_edit_changes_nothing(env: dict[str, Any], ns: str) -> None:
@@ -321,8 +333,8 @@ def test_pool_edit_via_cli_applies_live_and_invalid_edit_changes_nothing(env: di
     wait_for(lambda: app1.metric("lbappliance_config_stale", {"file": "pools"}) == 1.0, 10,
              what="removal of a pool in use refused")
     assert _ingress(core, ns, "fresh") == [ip]
-    for name in ("fresh", "still"):
-        core.delete_namespaced_service(name, ns)
     pools_path.write_bytes(before)
+    wait_for(lambda: app1.metric("lbappliance_config_stale", {"file": "pools"}) == 0.0, 10, what="pools restored")
+    _delete_all(core, ns, ["fresh", "still"])
     wait_for(lambda: app2.metric("lbappliance_config_stale", {"file": "pools"}) == 0.0, 10, what="recovered")
     yaml.safe_load(pools_path.read_text())

@@ -1,0 +1,175 @@
+"""Data-plane benchmark in the network lab; prints one table.
+
+Throughput and latency through the VIP vs straight to a NodePort (wrk from the client host,
+HAProxy `http-request return` responders on the nodes), failed requests during reloads and node
+churn, planned and hard failover outage (median of 5), reload time and worker RSS at 1,000 and
+5,000 Services. Needs root; bounded loads only (about 4 minutes).
+
+    ~/.cache/lbappliance/venv/bin/python bench/dataplane.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lbappliance.core.models import Backend, DesiredState, Frontend, Server, ServicePort
+from lbappliance.core.render import render
+from lbappliance.edges.files import atomic_write
+from lbappliance.edges.haproxy import HAProxy
+from lbappliance.testing.netlab import NetworkLab
+from tests.integration.test_dataplane import (
+    NODE_PORT,
+    VIP,
+    appliance_config,
+    dataplane,
+    finish_wrk,
+    lab_nodes,
+    lab_state,
+    run_wrk,
+    start_wrk,
+    web_service,
+)
+from tests.integration.test_failover import measure, start_pair
+
+Row = tuple[str, str, str]
+
+
+def throughput(lab: NetworkLab, work: Path) -> list[Row]:
+    config = appliance_config(work / "tp", "app1", priority=150, src="192.0.2.2", peer="192.0.2.3", check_ms=1000)
+    dp = dataplane(lab, config, "app1")
+    try:
+        dp.start()
+        dp.apply(lab_state(config, [web_service()], lab_nodes(lab)))
+        time.sleep(1.5)
+        args = {"connections": 32, "threads": 2, "close": False}
+        direct = run_wrk(lab, f"http://{lab.nodes[0].ipv4}:{NODE_PORT}/", 8, **args)
+        via = run_wrk(lab, f"http://{VIP}/", 8, **args)
+        rows = [
+            ("direct NodePort (keep-alive, 32 conns)", f"{direct.rps:,.0f} req/s",
+             f"p50 {direct.p50_ms:.2f} ms, p99 {direct.p99_ms:.2f} ms, {direct.failed} failed"),
+            ("through VIP (keep-alive, 32 conns)", f"{via.rps:,.0f} req/s",
+             f"p50 {via.p50_ms:.2f} ms, p99 {via.p99_ms:.2f} ms, {via.failed} failed"),
+            ("VIP / direct throughput", f"{100 * via.rps / max(direct.rps, 1):.0f} %", "target >= 80 %"),
+        ]
+        rows += churn(lab, dp, config)
+        return rows
+    finally:
+        dp.stop()
+
+
+def churn(lab: NetworkLab, dp, config) -> list[Row]:  # type: ignore[no-untyped-def]
+    nodes = lab_nodes(lab)
+    base = web_service()
+    alt = replace(base, ports=(*base.ports, ServicePort("alt", "TCP", 8080, NODE_PORT)))
+    load = start_wrk(lab, f"http://{VIP}/", 12)
+    time.sleep(1)
+    for i in range(30):
+        dp.apply(lab_state(config, [alt if i % 2 == 0 else base], nodes))
+        time.sleep(0.3)
+    reloads = finish_wrk(load)
+    before = dp.counts["reload"]
+    load = start_wrk(lab, f"http://{VIP}/", 12)
+    time.sleep(1)
+    for i in range(30):
+        dp.apply(lab_state(config, [base], nodes if i % 2 else nodes[:2]))
+        time.sleep(0.3)
+    runtime = finish_wrk(load)
+    return [
+        ("failed requests during 30 reloads", f"{reloads.failed} / {reloads.requests:,}", "new connection per request"),
+        ("failed requests during 30 node changes", f"{runtime.failed} / {runtime.requests:,}",
+         f"reloads during churn: {dp.counts['reload'] - before}"),
+    ]
+
+
+def failover(lab: NetworkLab, work: Path, runs: int = 5) -> list[Row]:
+    planned, hard = [], []
+    for i in range(runs):
+        for kind, out in (("planned", planned), ("hard", hard)):
+            pair = start_pair(lab, work / f"fo-{kind}-{i}")
+            try:
+                active = pair.master()
+                action = pair.planes[active].stop if kind == "planned" else (lambda p=pair, a=active: p.hard_kill(a))
+                out.append(measure(lab, action).max_gap)
+            finally:
+                for dp in pair.planes.values():
+                    dp.stop()
+    return [
+        (f"planned failover outage (median of {runs})", f"{statistics.median(planned):.3f} s",
+         f"all: {', '.join(f'{x:.3f}' for x in planned)}; target <= 0.2 s"),
+        (f"hard failover outage (median of {runs})", f"{statistics.median(hard):.3f} s",
+         f"all: {', '.join(f'{x:.3f}' for x in hard)}; target <= 0.5 s"),
+    ]
+
+
+def big_state(services: int, servers: tuple[Server, ...]) -> DesiredState:
+    """One frontend + backend per Service on 198.51.100.0/24 and 203.0.113.0/24 VIPs."""
+    frontends = []
+    for i in range(services):
+        vip = f"198.51.100.{1 + i % 250}" if i % 500 < 250 else f"203.0.113.{1 + i % 250}"
+        port = 1000 + i // 500
+        be = Backend(f"be_svc{i}", servers, 30000 + i % 2000, 10256, "/healthz", None, None, "IPv4")
+        frontends.append(Frontend(f"fe_svc{i}", f"bench/svc{i}", vip, port, "TCP", (), be))
+    return DesiredState(tuple(frontends), (), {})
+
+
+def scale(lab: NetworkLab, work: Path) -> list[Row]:
+    rows = []
+    all_servers = tuple(Server(h.name, h.ipv4) for h in lab.nodes)
+    for count in (1000, 5000):
+        # 5,000 x 3 checked servers make HAProxy ask for ~36k fds; this container's hard limit is 20,000.
+        servers = all_servers if count <= 1000 else all_servers[:1]
+        config = appliance_config(work / f"scale{count}", "app1", priority=150, src="192.0.2.2", peer="192.0.2.3",
+                                  check_ms=60000)
+        config = config.model_copy(update={"haproxy": config.haproxy.model_copy(update={"maxconn": 500})})
+        paths = config.paths
+        Path(paths.state_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(paths.haproxy_config), render(big_state(count, servers), config).haproxy)
+        hap = HAProxy(paths.haproxy_config, paths.master_socket, paths.runtime_socket, paths.haproxy_pidfile,
+                      paths.haproxy_binary, ["ip", "netns", "exec", lab.host("app1").netns],
+                      f"{paths.state_dir}/haproxy.log")
+        t0 = time.monotonic()
+        hap.start(timeout=60)
+        started = time.monotonic() - t0
+        try:
+            times = []
+            for _ in range(3):
+                result = hap.reload(timeout=60)
+                assert result.ok, result
+                times.append(result.seconds)
+                time.sleep(0.5)
+            rss = sum(r for _, r in hap.worker_rss())
+            rows.append((f"{count:,} Services x {len(servers)} servers: reload", f"{statistics.median(times):.2f} s",
+                         f"start {started:.2f} s; worker RSS {rss / 1024:.0f} MB; target reload <= 1 s"))
+        finally:
+            hap.stop(timeout=30)
+    return rows
+
+
+def main() -> int:
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="lbbench-") as tmp, NetworkLab(prefix="lbbench", nodes=3) as lab:
+        work = Path(tmp)
+        lab.serve_nodeports([NODE_PORT])
+        lab.serve_health_ports()
+        rows = throughput(lab, work)
+        rows += failover(lab, work)
+        rows += scale(lab, work)
+    width = max(len(r[0]) for r in rows)
+    vwidth = max(len(r[1]) for r in rows)
+    print(f"\n{'measure':<{width}}  {'value':>{vwidth}}  notes")
+    print(f"{'-' * width}  {'-' * vwidth}  -----")
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:>{vwidth}}  {note}")
+    print(f"\n(total {time.monotonic() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

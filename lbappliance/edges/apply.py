@@ -1,0 +1,269 @@
+"""Apply a DesiredState to HAProxy and keepalived: validate first, change as little as possible.
+
+One `DataPlane.apply` per reconcile pass: render, write candidates beside the live files,
+validate them with the real binaries, and only then swap and act. Server membership and
+addresses go through the runtime API (no reload); everything else through a seamless
+master-worker reload; keepalived through SIGHUP and only when its file changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from lbappliance.core.changes import Change, classify
+from lbappliance.core.config import ApplianceConfig
+from lbappliance.core.models import DesiredState
+from lbappliance.core.render import RenderedConfigs, render
+
+from .files import atomic_write
+from .haproxy import HAProxy, HaproxyError
+from .keepalived import Keepalived, KeepalivedError, read_vrrp_states
+from .validate import Verdict, check_haproxy, check_keepalived
+
+log = logging.getLogger(__name__)
+
+ApplyKind = Literal["noop", "runtime", "reload", "rejected", "failed"]
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    kind: ApplyKind
+    change: Change | None = None
+    keepalived_reloaded: bool = False
+    message: str = ""
+    seconds: float = 0.0
+    pending_deletes: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class DataPlane:
+    """The daemon's handle on HAProxy and keepalived.
+
+    `netns_prefix` (for example `["ip", "netns", "exec", "lbt-app1"]`) runs managed processes
+    inside a namespace; validation always runs in the caller's namespace (it binds nothing).
+    """
+
+    config: ApplianceConfig
+    netns_prefix: list[str] | None = None
+    counts: Counter[str] = field(default_factory=Counter)
+    _last: DesiredState | None = field(default=None, repr=False)
+    _pending: set[tuple[str, str]] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        paths = self.config.paths
+        Path(paths.state_dir).mkdir(parents=True, exist_ok=True)
+        prefix = list(self.netns_prefix or [])
+        self.haproxy = HAProxy(paths.haproxy_config, paths.master_socket, paths.runtime_socket,
+                               paths.haproxy_pidfile, paths.haproxy_binary, prefix,
+                               f"{paths.state_dir}/haproxy.log")
+        self.keepalived = Keepalived(paths.keepalived_config, paths.state_dir, paths.keepalived_pidfile,
+                                     paths.keepalived_binary, prefix, f"{paths.state_dir}/keepalived.log")
+
+    @property
+    def managed(self) -> bool:
+        return self.config.process_mode == "managed"
+
+    # ---- lifecycle
+
+    def start(self) -> None:
+        """Managed mode: start both daemons from the live files if they validate, else on first apply."""
+        if not self.managed:
+            return
+        paths = self.config.paths
+        if not self.haproxy.running() and _valid(paths.haproxy_config, check_haproxy, paths.haproxy_binary):
+            self.haproxy.start()
+        if not self.keepalived.running() and _valid(paths.keepalived_config, check_keepalived,
+                                                    paths.keepalived_binary):
+            self.keepalived.start()
+
+    def stop(self) -> None:
+        """Managed mode: stop keepalived first (the peer takes the VIPs), then HAProxy."""
+        if not self.managed:
+            return
+        with contextlib.suppress(KeepalivedError, OSError):
+            self.keepalived.stop()
+        with contextlib.suppress(HaproxyError, OSError):
+            self.haproxy.stop()
+
+    # ---- the pass
+
+    def apply(self, state: DesiredState, rendered: RenderedConfigs | None = None) -> ApplyResult:
+        """Make the data plane serve `state`; never reloads on a config that failed validation."""
+        start = time.monotonic()
+        rendered = rendered or render(state, self.config)
+        paths = self.config.paths
+        hap_new = _differs(paths.haproxy_config, rendered.haproxy)
+        ka_new = _differs(paths.keepalived_config, rendered.keepalived)
+        rejected = self._validate(rendered, hap_new, ka_new)
+        if rejected is not None:
+            self.counts["rejected"] += 1
+            return ApplyResult("rejected", message=rejected, seconds=time.monotonic() - start)
+        change = self._classify(state, hap_new)
+        try:
+            kind, message = self._apply_haproxy(change, hap_new)
+            ka_reloaded = self._apply_keepalived(ka_new)
+        except (HaproxyError, KeepalivedError, OSError) as exc:
+            self.counts["failed"] += 1
+            log.error("apply failed: %s", exc)
+            return ApplyResult("failed", change, message=str(exc), seconds=time.monotonic() - start)
+        self._last = state
+        self.counts[kind] += 1
+        if ka_reloaded:
+            self.counts["keepalived_reload"] += 1
+        return ApplyResult(kind, change, ka_reloaded, message, time.monotonic() - start,
+                           tuple(sorted(self._pending)))
+
+    def _classify(self, state: DesiredState, hap_file_differs: bool) -> Change:
+        """Against the last applied state; after a daemon restart (no state), the file on disk decides."""
+        if self._last is None:
+            running = self.haproxy.running()
+            if running and not hap_file_differs:
+                return Change("noop", reasons=("running config matches the file on disk",))
+            return Change("reload", keepalived_changed=True, reasons=("no previous state in this daemon",))
+        change = classify(self._last, state)
+        if change.kind == "noop" and hap_file_differs:
+            return Change("reload", keepalived_changed=change.keepalived_changed,
+                          reasons=("file on disk differs from the rendered config",))
+        return change
+
+    def _validate(self, rendered: RenderedConfigs, hap_new: bool, ka_new: bool) -> str | None:
+        """Write and check candidates; a rejected one is kept as `<file>.rejected`. None when all pass."""
+        paths = self.config.paths
+        checks = [(hap_new, paths.haproxy_config, rendered.haproxy, check_haproxy, paths.haproxy_binary),
+                  (ka_new, paths.keepalived_config, rendered.keepalived, check_keepalived, paths.keepalived_binary)]
+        for needed, live, text, check, binary in checks:
+            if not needed:
+                continue
+            candidate = Path(f"{live}.candidate")
+            atomic_write(candidate, text)
+            verdict: Verdict = check(candidate, binary)
+            if not verdict.ok:
+                output = verdict.output or _haproxy_diagnostics(candidate, binary)
+                os.replace(candidate, f"{live}.rejected")
+                log.error("rejected %s: %s", live, output)
+                return f"{live}: {output}"
+        return None
+
+    def _apply_haproxy(self, change: Change, file_new: bool) -> tuple[ApplyKind, str]:
+        live = self.config.paths.haproxy_config
+        if change.kind == "runtime" and self.haproxy.running():
+            self._swap(live)  # the file matches what the runtime ops produce, so a restart agrees
+            try:
+                self._runtime(change)
+                return "runtime", f"{change.runtime_ops} runtime operation(s)"
+            except HaproxyError as exc:
+                log.warning("runtime update failed (%s); reloading instead", exc)
+                change = Change("reload", reasons=(f"runtime update failed: {exc}",))
+        self._retry_pending()
+        if change.kind == "noop" and not file_new:
+            return "noop", ""
+        if file_new:
+            self._swap(live)
+        if not self.haproxy.running():
+            if not self.managed:
+                raise HaproxyError("haproxy is not running (external mode); cannot reload")
+            self.haproxy.start()
+            return "reload", "started haproxy"
+        result = self.haproxy.reload()
+        self._pending.clear()  # a reload starts from the file: servers awaiting deletion are gone
+        if not result.ok:
+            raise HaproxyError(result.message)
+        return "reload", f"reloaded in {result.seconds:.3f}s"
+
+    def _runtime(self, change: Change) -> None:
+        """Adds first, then address changes, then removals, so a backend never empties in passing."""
+        extra = self._dynamic_server_defaults()
+        for op in change.adds:
+            if (op.backend, op.name) in self._pending:
+                address, _, port = op.target.rpartition(":")
+                self.haproxy.readd_server(op.backend, op.name, address.strip("[]"), int(port))
+                self._pending.discard((op.backend, op.name))
+            else:
+                self.haproxy.add_server(op.backend, op.name, op.target, f"{op.options} {extra}")
+        for move in change.readdresses:
+            self.haproxy.set_address(move.backend, move.name, move.address, move.port)
+        for rm in change.removes:
+            self._pending.add((rm.backend, rm.name))
+        self._retry_pending()
+
+    def _retry_pending(self) -> None:
+        """Delete servers left in maintenance by an earlier pass once their connections are gone."""
+        if not self._pending or not self.haproxy.running():
+            return
+        for backend, name in sorted(self._pending):
+            if self.haproxy.remove_server(backend, name):
+                self._pending.discard((backend, name))
+
+    def _dynamic_server_defaults(self) -> str:
+        """`add server` ignores `default-server`, so repeat what the template puts there."""
+        hc = self.config.health_check
+        return f"inter {hc.interval_ms}ms fall {hc.fall} rise {hc.rise} on-marked-down shutdown-sessions"
+
+    def _apply_keepalived(self, file_new: bool) -> bool:
+        live = self.config.paths.keepalived_config
+        if file_new:
+            self._swap(live)
+        if not self.keepalived.running():
+            if self.managed and Path(live).exists():
+                self.keepalived.start()
+                return True
+            return False
+        if file_new:
+            self.keepalived.reload()
+            return True
+        return False
+
+    @staticmethod
+    def _swap(live: str) -> None:
+        """The validated candidate replaces the live file in one rename."""
+        candidate = f"{live}.candidate"
+        if Path(candidate).exists():
+            os.replace(candidate, live)
+            dir_fd = os.open(Path(live).parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    # ---- views
+
+    def vrrp_states(self) -> dict[str, str]:
+        return read_vrrp_states(self.config.paths.state_dir)
+
+    def server_health(self) -> dict[tuple[str, str], str]:
+        return self.haproxy.server_states()
+
+    def old_workers(self) -> list[tuple[int, int]]:
+        return self.haproxy.old_workers()
+
+    @property
+    def pending_deletes(self) -> frozenset[tuple[str, str]]:
+        return frozenset(self._pending)
+
+
+def _differs(path: str, text: str) -> bool:
+    try:
+        return Path(path).read_text(encoding="utf-8") != text
+    except FileNotFoundError:
+        return True
+
+
+def _haproxy_diagnostics(path: Path, binary: str) -> str:
+    """check_haproxy runs `haproxy -c -q`, which prints nothing on failure; rerun loudly for the reason."""
+    if "haproxy" not in Path(binary).name:
+        return ""
+    done = subprocess.run([binary, "-c", "-f", str(path)], capture_output=True, text=True, timeout=60, check=False)
+    return (done.stdout + done.stderr).strip()
+
+
+def _valid(path: str, check: Callable[[Path, str], Verdict], binary: str) -> bool:
+    return Path(path).exists() and check(Path(path), binary).ok

@@ -1,0 +1,410 @@
+"""DataPlane on real haproxy/keepalived in the network lab: reloads, runtime updates, health, rejection.
+
+The helpers at the top (appliance configs, lab states, wrk) are reused by test_failover.py and
+bench/dataplane.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from lbappliance.core.config import ApplianceConfig, load_pools, parse_config
+from lbappliance.core.models import DesiredState, Node, Service, ServicePort
+from lbappliance.core.plan import Snapshot, desired_state
+from lbappliance.core.render import RenderedConfigs, render
+from lbappliance.edges.apply import DataPlane
+from lbappliance.testing.netlab import VIP_POOL_V4, NetworkLab
+
+pytestmark = pytest.mark.integration
+
+VIP = "192.0.2.200"
+VIP2 = "192.0.2.201"
+NODE_PORT = 30080
+LOCAL_NODE_PORT = 30090
+HC_NODE_PORT = 32100
+POOLS = f"""
+apiVersion: lbappliance.io/v1alpha1
+kind: AddressPoolList
+pools:
+- name: lab
+  addresses: [{VIP_POOL_V4}]
+"""
+
+# ---------------------------------------------------------------- helpers shared with failover and bench
+
+
+def appliance_config(workdir: Path, box: str, *, priority: int, peer: str, src: str,
+                     check_ms: int = 200, advert: float = 0.1, extra: str = "") -> ApplianceConfig:
+    """A lab appliance: unicast VRRP to its peer, files and sockets under its own dir."""
+    base = workdir / box
+    base.mkdir(parents=True, exist_ok=True)
+    return parse_config(f"""
+name: lab
+processMode: managed
+vrrp:
+  interface: eth0
+  priority: {priority}
+  advertInterval: {advert}
+  unicastSrcIp: {src}
+  unicastPeers: [{peer}]
+healthCheck: {{intervalMilliseconds: {check_ms}, fall: 2, rise: 2}}
+haproxy:
+  statsAddress: null
+  maxconn: 4000
+  hardStopAfter: 60s
+paths:
+  haproxyConfig: {base}/haproxy.cfg
+  keepalivedConfig: {base}/keepalived.conf
+  stateDir: {base}/run
+{extra}
+""")
+
+
+def pair_configs(workdir: Path, **kw: object) -> tuple[ApplianceConfig, ApplianceConfig]:
+    """app1 (priority 150, normally MASTER) and app2 (100)."""
+    one = appliance_config(workdir, "app1", priority=150, src="192.0.2.2", peer="192.0.2.3", **kw)  # type: ignore[arg-type]
+    two = appliance_config(workdir, "app2", priority=100, src="192.0.2.3", peer="192.0.2.2", **kw)  # type: ignore[arg-type]
+    return one, two
+
+
+def lab_nodes(lab: NetworkLab, names: Sequence[str] | None = None) -> tuple[Node, ...]:
+    hosts = [h for h in lab.nodes if names is None or h.name in names]
+    return tuple(Node(h.name, (("InternalIP", h.ipv4),)) for h in hosts)
+
+
+def web_service(vip: str = VIP, port: int = 80, node_port: int = NODE_PORT, **kw: object) -> Service:
+    return Service("default", "web", creation="1", ports=(ServicePort("http", "TCP", port, node_port),),
+                   ingress_ips=(vip,), **kw)  # type: ignore[arg-type]
+
+
+def lab_state(config: ApplianceConfig, services: Sequence[Service], nodes: Sequence[Node]) -> DesiredState:
+    pools = load_pools(POOLS, "pools.yaml", config.own_addresses())
+    return desired_state(Snapshot(tuple(services), tuple(nodes), pools, config))[1]
+
+
+def vrrp_state(dp: DataPlane) -> str:
+    """The state of the box's only VRRP instance (the lab serves IPv4 VIPs only)."""
+    return next(iter(dp.vrrp_states().values()), "")
+
+
+def dataplane(lab: NetworkLab, config: ApplianceConfig, box: str) -> DataPlane:
+    return DataPlane(config, ["ip", "netns", "exec", lab.host(box).netns])
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    requests: int
+    non_2xx: int
+    socket_errors: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    raw: str
+
+    @property
+    def failed(self) -> int:
+        return self.non_2xx + self.socket_errors
+
+
+def wrk_argv(url: str, seconds: int, connections: int = 8, threads: int = 1, close: bool = True) -> list[str]:
+    """New connection per request by default: a reload must not refuse or reset any of them."""
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "2s"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    return [*argv, url]
+
+
+def start_wrk(lab: NetworkLab, url: str, seconds: int, **kw: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(["ip", "netns", "exec", lab.client.netns, *wrk_argv(url, seconds, **kw)],  # type: ignore[arg-type]
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish_wrk(proc: subprocess.Popen[str], timeout: float = 120) -> WrkResult:
+    out, _ = proc.communicate(timeout=timeout)
+    return parse_wrk(out)
+
+
+def run_wrk(lab: NetworkLab, url: str, seconds: int, **kw: object) -> WrkResult:
+    return finish_wrk(start_wrk(lab, url, seconds, **kw), timeout=seconds + 60)
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def _latency_ms(text: str, pct: str) -> float:
+    m = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.M)
+    return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
+
+
+def parse_wrk(text: str) -> WrkResult:
+    """wrk's summary; any socket error (connect/read/write/timeout) or non-2xx counts as a failure."""
+    requests = re.search(r"(\d+) requests in", text)
+    if requests is None:
+        raise AssertionError(f"wrk produced no summary:\n{text}")
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    return WrkResult(
+        requests=int(requests.group(1)),
+        non_2xx=int(non2xx.group(1)) if non2xx else 0,
+        socket_errors=sum(int(g) for g in errors.groups()) if errors else 0,
+        rps=float(rps.group(1)) if rps else 0.0,
+        p50_ms=_latency_ms(text, "50"),
+        p99_ms=_latency_ms(text, "99"),
+        raw=text,
+    )
+
+
+def wait_for(predicate: object, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(interval)
+    return False
+
+
+def node_counts(lab: NetworkLab, url: str, n: int) -> dict[str, int]:
+    """Which node answered each of `n` requests from the client (a quick, bounded sampler)."""
+    code = ("import sys,json,urllib.request,collections\n"
+            "c=collections.Counter()\n"
+            "o=urllib.request.build_opener(urllib.request.ProxyHandler({}))\n"
+            f"for _ in range({n}):\n"
+            "    try:\n"
+            f"        c[o.open({url!r},timeout=2).read().decode().strip()]+=1\n"
+            "    except Exception as e:\n"
+            "        c['error']+=1; print(repr(e), file=sys.stderr)\n"
+            "print(json.dumps(c))\n")
+    res = lab.exec("client", ["python3", "-I", "-S", "-c", code], timeout=n * 2 + 10)
+    return json.loads(res.stdout.strip())
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def served_lab(lab: NetworkLab) -> NetworkLab:
+    lab.serve_nodeports([NODE_PORT, LOCAL_NODE_PORT])
+    lab.serve_health_ports([HC_NODE_PORT])
+    return lab
+
+
+@pytest.fixture
+def plane(served_lab: NetworkLab, tmp_path: Path) -> Iterator[tuple[DataPlane, ApplianceConfig]]:
+    """app1 alone (no peer answers, so it becomes MASTER and holds the VIP)."""
+    config = appliance_config(tmp_path, "app1", priority=150, src="192.0.2.2", peer="192.0.2.3")
+    dp = dataplane(served_lab, config, "app1")
+    try:
+        dp.start()
+        result = dp.apply(lab_state(config, [web_service()], lab_nodes(served_lab)))
+        assert result.kind == "reload", result
+        assert wait_for(lambda: vrrp_state(dp) == "MASTER", 10), dp.vrrp_states()
+        assert wait_for(lambda: served_lab.http_get("client", f"http://{VIP}/", timeout=1)[0] == 200, 10)
+        yield dp, config
+    finally:
+        dp.stop()
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_first_apply_starts_and_serves(served_lab: NetworkLab, plane: tuple[DataPlane, ApplianceConfig]) -> None:
+    dp, config = plane
+    status, body = served_lab.http_get("client", f"http://{VIP}/")
+    assert status == 200 and body.startswith("node")
+    assert dp.counts["reload"] == 1
+    again = dp.apply(lab_state(config, [web_service()], lab_nodes(served_lab)))
+    assert again.kind == "noop"
+    assert set(dp.server_health().values()) == {"UP"}
+
+
+def test_fifty_reloads_under_load_drop_nothing(served_lab: NetworkLab, plane: tuple[DataPlane, ApplianceConfig]) -> None:
+    dp, config = plane
+    nodes = lab_nodes(served_lab)
+    base = web_service()
+    alt = replace(base, ports=(*base.ports, ServicePort("alt", "TCP", 8080, NODE_PORT)))
+    wrk = start_wrk(served_lab, f"http://{VIP}/", 25)
+    try:
+        time.sleep(1)
+        reload_times = []
+        for i in range(50):
+            result = dp.apply(lab_state(config, [alt if i % 2 == 0 else base], nodes))
+            assert result.kind == "reload", result
+            reload_times.append(result.seconds)
+            time.sleep(0.3)
+    finally:
+        load = finish_wrk(wrk)
+    workers = dp.old_workers()
+    print(f"\n50 reloads under load: {load.requests} requests, {load.failed} failed, {load.rps:.0f} req/s, "
+          f"apply+reload median {sorted(reload_times)[25]:.3f}s, old workers now {len(workers)}")
+    assert load.requests > 1000
+    assert load.failed == 0, load.raw
+    assert dp.counts["reload"] == 51
+
+
+def test_node_churn_goes_through_runtime_api(served_lab: NetworkLab, plane: tuple[DataPlane, ApplianceConfig]) -> None:
+    dp, config = plane
+    all_nodes = lab_nodes(served_lab)
+    reloads_before = dp.counts["reload"]
+    master_reloads = dp.haproxy.show_proc().reloads
+    wrk = start_wrk(served_lab, f"http://{VIP}/", 20)
+    try:
+        time.sleep(1)
+        for i in range(50):
+            nodes = all_nodes if i % 2 else all_nodes[: 1 + i % 2 + (i // 2) % 2]  # drop 1 or 2 nodes, re-add
+            result = dp.apply(lab_state(config, [web_service()], nodes))
+            assert result.kind == "runtime", result
+            time.sleep(0.25)
+    finally:
+        load = finish_wrk(wrk)
+    print(f"\n50 node changes under load: {load.requests} requests, {load.failed} failed; "
+          f"runtime applies {dp.counts['runtime']}, pending deletes {sorted(dp.pending_deletes)}")
+    assert load.failed == 0, load.raw
+    assert dp.counts["reload"] == reloads_before
+    assert dp.haproxy.show_proc().reloads == master_reloads
+    assert dp.counts["runtime"] >= 50
+    # The file on disk matches what is live, so a restart serves the same servers.
+    final = lab_state(config, [web_service()], all_nodes)
+    assert dp.apply(final).kind in ("noop", "runtime")
+    assert Path(config.paths.haproxy_config).read_text() == render(final, config).haproxy
+
+
+def test_runtime_added_node_serves_and_removed_node_stops(served_lab: NetworkLab,
+                                                           plane: tuple[DataPlane, ApplianceConfig]) -> None:
+    dp, config = plane
+    new = served_lab.add_node()
+    try:
+        nodes = lab_nodes(served_lab)
+        assert dp.apply(lab_state(config, [web_service()], nodes)).kind == "runtime"
+        assert wait_for(lambda: new.name in node_counts(served_lab, f"http://{VIP}/", 8), 5)
+        assert dp.apply(lab_state(config, [web_service()], [n for n in nodes if n.name != new.name])).kind == "runtime"
+        seen = node_counts(served_lab, f"http://{VIP}/", 12)
+        assert new.name not in seen and "error" not in seen, seen
+        assert not any(srv == new.name for _, srv in dp.server_health())
+    finally:
+        served_lab.remove_node(new.name)
+
+
+def test_failing_health_check_stops_traffic(served_lab: NetworkLab, plane: tuple[DataPlane, ApplianceConfig]) -> None:
+    dp, config = plane
+    hc = config.health_check
+    backend = "be_default_web_tcp80_v4"
+    served_lab.set_health("node2", 10256, healthy=False)
+    try:
+        t0 = time.monotonic()
+        assert wait_for(lambda: dp.server_health()[(backend, "node2")] == "DOWN", 5, 0.02)
+        took = time.monotonic() - t0
+        limit = (hc.interval_ms * (hc.fall + 1) + 2000) / 1000  # fall intervals + one in flight + check timeout
+        print(f"\nnode2 marked DOWN {took:.2f}s after its health check failed (inter {hc.interval_ms}ms fall {hc.fall})")
+        assert took <= limit
+        seen = node_counts(served_lab, f"http://{VIP}/", 12)
+        assert "node2" not in seen and "error" not in seen, seen
+    finally:
+        served_lab.set_health("node2", 10256, healthy=True)
+    assert wait_for(lambda: dp.server_health()[(backend, "node2")] == "UP", 5)
+
+
+def test_local_policy_only_nodes_with_endpoints(served_lab: NetworkLab, plane: tuple[DataPlane, ApplianceConfig]) -> None:
+    dp, config = plane
+    local = Service("default", "local", creation="2", ports=(ServicePort("http", "TCP", 81, LOCAL_NODE_PORT),),
+                    ingress_ips=(VIP2,), external_traffic_policy="Local", health_check_node_port=HC_NODE_PORT)
+    served_lab.set_health("node1", HC_NODE_PORT, healthy=False)
+    served_lab.set_health("node3", HC_NODE_PORT, healthy=False)
+    try:
+        assert dp.apply(lab_state(config, [web_service(), local], lab_nodes(served_lab))).kind == "reload"
+        backend = "be_default_local_tcp81_v4"
+        assert wait_for(lambda: dp.server_health().get((backend, "node1")) == "DOWN"
+                        and dp.server_health().get((backend, "node3")) == "DOWN", 5)
+        seen = node_counts(served_lab, f"http://{VIP2}:81/", 12)
+        assert seen == {"node2": 12}, seen
+    finally:
+        served_lab.set_health("node1", HC_NODE_PORT, healthy=True)
+        served_lab.set_health("node3", HC_NODE_PORT, healthy=True)
+
+
+def test_invalid_config_rejected_and_old_keeps_serving(served_lab: NetworkLab,
+                                                        plane: tuple[DataPlane, ApplianceConfig]) -> None:
+    dp, config = plane
+    live = Path(config.paths.haproxy_config)
+    before = live.read_text()
+    worker = dp.haproxy.show_proc().workers
+    state = lab_state(config, [web_service(port=8081)], lab_nodes(served_lab))
+    good = render(state, config)
+    bogus = RenderedConfigs(good.haproxy.replace("balance roundrobin", "balance roundrobin\n    bogus-option 1"),
+                            good.keepalived)
+    result = dp.apply(state, rendered=bogus)
+    assert result.kind == "rejected"
+    assert "bogus-option" in result.message
+    assert live.read_text() == before
+    assert Path(f"{live}.rejected").read_text() == bogus.haproxy
+    assert dp.haproxy.show_proc().workers == worker
+    assert served_lab.http_get("client", f"http://{VIP}/")[0] == 200
+    assert dp.counts["rejected"] == 1
+    # The next good state applies normally.
+    assert dp.apply(state).kind == "reload"
+    assert served_lab.http_get("client", f"http://{VIP}:8081/")[0] == 200
+
+
+def test_restart_with_haproxy_running_compares_the_file(served_lab: NetworkLab,
+                                                        plane: tuple[DataPlane, ApplianceConfig]) -> None:
+    dp, config = plane
+    state = lab_state(config, [web_service()], lab_nodes(served_lab))
+    assert dp.apply(state).kind in ("noop", "reload")
+    fresh = DataPlane(config, dp.netns_prefix)  # a restarted daemon: no memory of the last state
+    fresh.haproxy.proc = dp.haproxy.proc
+    assert fresh.apply(state).kind == "noop"
+    changed = lab_state(config, [web_service(port=8082)], lab_nodes(served_lab))
+    fresh2 = DataPlane(config, dp.netns_prefix)
+    assert fresh2.apply(changed).kind == "reload"
+    assert served_lab.http_get("client", f"http://{VIP}:8082/")[0] == 200
+
+
+def test_reloads_with_long_lived_connection_reap_workers(served_lab: NetworkLab,
+                                                         plane: tuple[DataPlane, ApplianceConfig]) -> None:
+    """200 reloads with one idle connection held open: old workers are bounded by mworker-max-reloads."""
+    dp, config = plane
+    nodes = lab_nodes(served_lab)
+    base = web_service()
+    alt = replace(base, ports=(*base.ports, ServicePort("alt", "TCP", 8080, NODE_PORT)))
+    holder = served_lab.spawn("client", ["python3", "-c", _HOLD_SNIPPET, VIP, "80", "600"], "long-conn")
+    try:
+        time.sleep(0.5)
+        peak = 0
+        peak_rss = 0
+        for i in range(200):
+            assert dp.apply(lab_state(config, [alt if i % 2 == 0 else base], nodes)).kind == "reload"
+            workers = dp.old_workers()
+            peak = max(peak, len(workers))
+            peak_rss = max(peak_rss, sum(rss for _, rss in workers))
+        current = dp.haproxy.worker_rss()
+        final_old = dp.old_workers()
+        print(f"\n200 reloads with a held connection: old workers now {len(final_old)} "
+              f"(peak {peak}), old-worker RSS now {sum(r for _, r in final_old)} kB (peak {peak_rss} kB), "
+              f"current worker RSS {current}")
+        assert peak <= config.haproxy.max_reloads + 1
+        assert len(final_old) <= 1  # only the worker holding the connection
+        assert peak_rss < 200 * 1024
+    finally:
+        served_lab.stop(holder)
+
+
+_HOLD_SNIPPET = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:  # a request every 5 s keeps the node's keep-alive timer from closing it
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    if not s.recv(4096):
+        print("closed by peer", flush=True)
+        break
+    time.sleep(5)
+"""
+

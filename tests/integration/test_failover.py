@@ -1,0 +1,213 @@
+"""VRRP failover between the two lab appliances: planned, hard, link loss, and no flapping when busy.
+
+Outage is the longest gap between two successful requests of a prober on the client that opens
+a new connection every few milliseconds (connect timeout 50 ms); it is printed for every case.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lbappliance.edges.apply import DataPlane
+from lbappliance.testing.netlab import NetworkLab
+from tests.integration.test_dataplane import (
+    NODE_PORT,
+    VIP,
+    dataplane,
+    lab_nodes,
+    lab_state,
+    pair_configs,
+    vrrp_state,
+    wait_for,
+    web_service,
+)
+
+pytestmark = pytest.mark.integration
+
+HARD_TARGET = 0.5
+PLANNED_TARGET = 0.2
+
+PROBE_SNIPPET = r"""
+import json, socket, sys, time
+vip, port, duration, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+req = b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n"
+ok = fail = 0
+last_ok = None
+max_gap = 0.0
+end = time.monotonic() + duration
+print("ready", flush=True)
+while time.monotonic() < end:
+    t = time.monotonic()
+    try:
+        with socket.create_connection((vip, port), timeout=0.05) as s:
+            s.settimeout(0.5)
+            s.sendall(req)
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+        good = data.startswith(b"HTTP/1.1 200")
+    except OSError:
+        good = False
+    now = time.monotonic()
+    if good:
+        ok += 1
+        if last_ok is not None:
+            max_gap = max(max_gap, now - last_ok)
+        last_ok = now
+    else:
+        fail += 1
+    time.sleep(max(0.0, interval - (time.monotonic() - t)))
+print(json.dumps({"ok": ok, "fail": fail, "max_gap": max_gap}), flush=True)
+"""
+
+
+@dataclass(frozen=True)
+class Probe:
+    ok: int
+    fail: int
+    max_gap: float
+
+
+def start_probe(lab: NetworkLab, seconds: float, interval: float = 0.005, port: int = 80) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.client.netns, "python3", "-I", "-S", "-c", PROBE_SNIPPET,
+                             VIP, str(port), str(seconds), str(interval)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def finish_probe(proc: subprocess.Popen[str]) -> Probe:
+    out, _ = proc.communicate(timeout=60)
+    data = json.loads(out.strip().splitlines()[-1])
+    return Probe(data["ok"], data["fail"], data["max_gap"])
+
+
+def measure(lab: NetworkLab, action: Callable[[], None], settle: float = 2.0) -> Probe:
+    """Run the prober around `action`; the outage is the largest gap between successes."""
+    probe = start_probe(lab, 1.0 + settle + 1.0)
+    time.sleep(1.0)
+    action()
+    return finish_probe(probe)
+
+
+@dataclass
+class Pair:
+    lab: NetworkLab
+    planes: dict[str, DataPlane]
+
+    def state(self, box: str) -> str:
+        return vrrp_state(self.planes[box])
+
+    def master(self) -> str:
+        return next(b for b in self.planes if self.state(b) == "MASTER")
+
+    def other(self, box: str) -> str:
+        return "app2" if box == "app1" else "app1"
+
+    def hard_kill(self, box: str) -> None:
+        """SIGKILL keepalived (parent and VRRP child) and every HAProxy process of the box."""
+        dp = self.planes[box]
+        dp.keepalived.kill()
+        dp.haproxy.stop(sig=9, timeout=5)
+
+
+def start_pair(lab: NetworkLab, workdir: Path, **config_kw: object) -> Pair:
+    """Both appliances from the same cluster state; app1 (higher priority) starts first and takes the VIP."""
+    planes = {}
+    for box, config in zip(("app1", "app2"), pair_configs(workdir, **config_kw), strict=True):
+        dp = dataplane(lab, config, box)
+        planes[box] = dp
+        dp.start()
+        result = dp.apply(lab_state(config, [web_service()], lab_nodes(lab)))
+        assert result.kind == "reload", result
+        if box == "app1":
+            assert wait_for(lambda dp=dp: vrrp_state(dp) == "MASTER", 10), dp.vrrp_states()
+    pair = Pair(lab, planes)
+    assert wait_for(lambda: pair.state("app2") == "BACKUP", 10), planes["app2"].vrrp_states()
+    assert wait_for(lambda: lab.http_get("client", f"http://{VIP}/", timeout=1)[0] == 200, 10)
+    return pair
+
+
+@pytest.fixture(scope="module")
+def served(lab: NetworkLab) -> NetworkLab:
+    lab.serve_nodeports([NODE_PORT])
+    lab.serve_health_ports()
+    return lab
+
+
+@pytest.fixture
+def pair(served: NetworkLab, tmp_path: Path) -> Iterator[Pair]:
+    p: Pair | None = None
+    try:
+        p = start_pair(served, tmp_path)
+        yield p
+    finally:
+        for box in ("app1", "app2"):
+            served.link_up(box)
+        if p is not None:
+            for dp in p.planes.values():
+                dp.stop()
+
+
+def _report(case: str, probe: Probe, target: float) -> None:
+    verdict = "meets" if probe.max_gap <= target else "MISSES"
+    print(f"\n{case}: outage {probe.max_gap:.3f}s ({probe.fail} failed probes, {probe.ok} ok) "
+          f"- {verdict} target {target}s")
+
+
+def test_graceful_stop_moves_vip(pair: Pair) -> None:
+    active = pair.master()
+    probe = measure(pair.lab, pair.planes[active].stop)
+    _report("planned failover (keepalived SIGTERM)", probe, PLANNED_TARGET)
+    assert pair.state(pair.other(active)) == "MASTER"
+    assert probe.max_gap <= PLANNED_TARGET
+
+
+def test_hard_failure_moves_vip(pair: Pair) -> None:
+    active = pair.master()
+    probe = measure(pair.lab, lambda: pair.hard_kill(active))
+    _report("hard failure (SIGKILL keepalived + haproxy)", probe, HARD_TARGET)
+    assert pair.state(pair.other(active)) == "MASTER"
+    assert probe.max_gap <= HARD_TARGET
+
+
+@pytest.mark.parametrize("silent", [False, True], ids=["carrier-loss", "silent-cut"])
+def test_link_down_moves_vip(pair: Pair, silent: bool) -> None:
+    active = pair.master()
+    probe = measure(pair.lab, lambda: pair.lab.link_down(active, silent=silent))
+    _report(f"link down ({'silent' if silent else 'carrier loss'})", probe, HARD_TARGET)
+    assert pair.state(pair.other(active)) == "MASTER"
+    assert probe.max_gap <= HARD_TARGET
+
+
+def test_haproxy_death_gives_up_vip(pair: Pair) -> None:
+    """track_script: a box whose HAProxy is gone hands its VIPs over even though keepalived lives."""
+    active = pair.master()
+    pair.planes[active].haproxy.stop(sig=9, timeout=5)
+    assert wait_for(lambda: pair.state(pair.other(active)) == "MASTER", 10)
+    assert wait_for(lambda: pair.lab.http_get("client", f"http://{VIP}/", timeout=1)[0] == 200, 5)
+
+
+def test_busy_boxes_do_not_flap(pair: Pair) -> None:
+    """Both appliance namespaces run CPU hogs for 60 s (bounded by `timeout`): no VRRP transition."""
+    before = {box: len(dp.keepalived.transitions()) for box, dp in pair.planes.items()}
+    hogs = [pair.lab.spawn(box, ["timeout", "60", "sh", "-c", "while :; do :; done"], f"hog-{box}-{i}")
+            for box in pair.planes for i in range(2)]
+    try:
+        probe = measure(pair.lab, lambda: time.sleep(58), settle=58)
+    finally:
+        for hog in hogs:
+            pair.lab.stop(hog)
+    after = {box: len(dp.keepalived.transitions()) for box, dp in pair.planes.items()}
+    flaps = {box: after[box] - before[box] for box in after}
+    print(f"\nbusy boxes 60 s: VRRP transitions {flaps}, prober {probe.ok} ok / {probe.fail} failed, "
+          f"max gap {probe.max_gap:.3f}s")
+    assert flaps == {"app1": 0, "app2": 0}
+    assert pair.state("app1") == "MASTER" and pair.state("app2") == "BACKUP"
