@@ -9,7 +9,7 @@ from functools import cache
 
 import jinja2
 
-from .config import ApplianceConfig
+from .config import ApplianceConfig, HealthCheckConfig
 from .models import Backend, DesiredState, Server
 
 
@@ -38,6 +38,11 @@ def server_options(backend: Backend) -> str:
     if backend.proxy_protocol:
         options.append(backend.proxy_protocol)
     return " ".join(options)
+
+
+def server_defaults(health: HealthCheckConfig) -> str:
+    """The template's `default-server` line; `add server` ignores it, so the runtime API repeats it."""
+    return f"inter {health.interval_ms}ms fall {health.fall} rise {health.rise} on-marked-down shutdown-sessions"
 
 
 def server_target(server: Server, port: int) -> str:
@@ -81,6 +86,7 @@ def render_haproxy(state: DesiredState, config: ApplianceConfig) -> str:
     return _environment().get_template("haproxy.cfg.j2").render(
         frontends=state.frontends,
         server_lines=_server_lines_renderer(),
+        server_defaults=server_defaults(config.health_check),
         paths=config.paths,
         haproxy=config.haproxy,
         health=config.health_check,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from typing import Literal
 from lbappliance.core.changes import Change, classify
 from lbappliance.core.config import ApplianceConfig
 from lbappliance.core.models import DesiredState
-from lbappliance.core.render import RenderedConfigs, render
+from lbappliance.core.render import RenderedConfigs, render, server_defaults
 
 from .files import atomic_write
 from .haproxy import HAProxy, HaproxyError
@@ -147,7 +146,7 @@ class DataPlane:
             atomic_write(candidate, text)
             verdict: Verdict = check(candidate, binary)
             if not verdict.ok:
-                output = verdict.output or _haproxy_diagnostics(candidate, binary)
+                output = verdict.output
                 os.replace(candidate, f"{live}.rejected")
                 log.error("rejected %s: %s", live, output)
                 return f"{live}: {output}"
@@ -204,9 +203,7 @@ class DataPlane:
                 self._pending.discard((backend, name))
 
     def _dynamic_server_defaults(self) -> str:
-        """`add server` ignores `default-server`, so repeat what the template puts there."""
-        hc = self.config.health_check
-        return f"inter {hc.interval_ms}ms fall {hc.fall} rise {hc.rise} on-marked-down shutdown-sessions"
+        return server_defaults(self.config.health_check)
 
     def _apply_keepalived(self, file_new: bool) -> bool:
         live = self.config.paths.keepalived_config
@@ -255,14 +252,6 @@ def _differs(path: str, text: str) -> bool:
         return Path(path).read_text(encoding="utf-8") != text
     except FileNotFoundError:
         return True
-
-
-def _haproxy_diagnostics(path: Path, binary: str) -> str:
-    """check_haproxy runs `haproxy -c -q`, which prints nothing on failure; rerun loudly for the reason."""
-    if "haproxy" not in Path(binary).name:
-        return ""
-    done = subprocess.run([binary, "-c", "-f", str(path)], capture_output=True, text=True, timeout=60, check=False)
-    return (done.stdout + done.stderr).strip()
 
 
 def _valid(path: str, check: Callable[[Path, str], Verdict], binary: str) -> bool:

@@ -31,7 +31,7 @@ def check_haproxy(path: Path, binary: str = "/usr/sbin/haproxy") -> Verdict:
     found = find_binary(binary, "haproxy")
     if found is None:
         return Verdict(False, "haproxy binary not found")
-    return _run([found, "-c", "-q", "-f", str(path)])
+    return _run([found, "-c", "-f", str(path)])  # not -q: it hides the reason for a rejection
 
 
 def check_keepalived(path: Path, binary: str = "/usr/sbin/keepalived") -> Verdict:
