@@ -3,7 +3,7 @@ CACHE ?= $(HOME)/.cache/lbappliance
 VENV  ?= $(CACHE)/venv
 PY    := $(VENV)/bin/python
 
-.PHONY: setup test unit lint lab golden bench
+.PHONY: setup test unit lint lab lab-down render-sample golden bench
 
 setup:
 	bash scripts/setup.sh
@@ -23,9 +23,16 @@ golden:
 	git diff --stat tests/golden
 
 lab: setup
+	$(VENV)/bin/lbappliance lab up
+
+lab-down:
+	$(VENV)/bin/lbappliance lab down
+
+render-sample: setup
 	$(VENV)/bin/lbappliance render --services examples/offline/services.yaml --nodes examples/offline/nodes.yaml \
 		--config examples/offline/config.yaml --pools examples/offline/pools.yaml --out /tmp/lbappliance-render
-	@echo; cat /tmp/lbappliance-render/haproxy.cfg
 
 bench:
 	$(PY) bench/render.py
+	$(PY) bench/dataplane.py
+	$(PY) bench/convergence.py

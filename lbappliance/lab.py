@@ -282,10 +282,20 @@ def _lab_namespaces() -> list[str]:
 
 
 def _reap_namespace_processes(namespaces: list[str]) -> None:
-    """haproxy/keepalived left in our own lab namespaces by a crashed daemon are ours to end."""
+    """haproxy/keepalived left in our own lab namespaces by a crashed daemon are ours to end;
+    the lab's recorded helpers are left to its own cleanup."""
+    from .testing.netlab import STATE_ROOT
+
+    recorded = set()
+    with contextlib.suppress(OSError):
+        for line in (Path(STATE_ROOT) / PREFIX / "pids").read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                recorded.add(int(json.loads(line)["pid"]))
     for ns in namespaces:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False).stdout
             for pid in pids.split():
+                if int(pid) in recorded:
+                    continue
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)

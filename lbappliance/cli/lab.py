@@ -30,9 +30,11 @@ def up(nodes: int) -> None:
     click.echo()
     click.echo(table(rows, ("service", "vip", "ports", "holder", "answer")))
     kubeconfig = WORKDIR / "controlplane" / "admin.kubeconfig"
+    sample = next((r for r in rows if r["ports"] == "80/TCP"), rows[0])
+    url = f"http://{sample['vip']}:{sample['ports'].split('/')[0]}/"
     click.echo(f"""
 The lab stays up. Try:
-  lbappliance lab exec client -- python3 -c "import urllib.request as u; print(u.urlopen('http://{rows[0]['vip']}/').read())"
+  lbappliance lab exec client -- python3 -c "import urllib.request as u; print(u.urlopen('{url}').read())"
   lbappliance status --config {WORKDIR}/app1.yaml
   lbappliance lab failover
   lbappliance lab down""")

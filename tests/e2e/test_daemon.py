@@ -338,3 +338,88 @@ def test_pool_edit_via_cli_applies_live_and_invalid_edit_changes_nothing(env: di
     _delete_all(core, ns, ["fresh", "still"])
     wait_for(lambda: app2.metric("lbappliance_config_stale", {"file": "pools"}) == 0.0, 10, what="recovered")
     yaml.safe_load(pools_path.read_text())
+
+
+def test_status_command_shows_what_this_box_serves(env: dict[str, Any], ns: str) -> None:
+    core = env["core"]
+    app1, _ = env["apps"]
+    core.create_namespaced_service(ns, _service("shown", 30090))
+    vip = _wait_ingress(core, ns, "shown")[0]
+    from lbappliance.testing.appliances import wait_for
+
+    def listed() -> dict[str, Any] | None:
+        out = subprocess.run([sys.executable, "-m", "lbappliance", "status", "--config", str(app1.config_path),
+                              "-o", "json"], capture_output=True, text=True, check=True).stdout
+        doc = json.loads(out)
+        return next((s for s in doc["services"] if s["service"] == f"{ns}/shown"), None)
+
+    entry = wait_for(listed, 10, what="Service in `lbappliance status`")
+    assert entry["vips"] == [vip] and entry["ports"] == ["80/TCP"]
+    assert set(entry["backends"].values()) <= {"UP", "DOWN", "MAINT", "unknown"} and len(entry["backends"]) == 3
+    table = subprocess.run([sys.executable, "-m", "lbappliance", "status", "--config", str(app1.config_path)],
+                           capture_output=True, text=True, check=True).stdout
+    assert table.startswith("appliance app1  leader:") and "VI_v4=" in table
+    assert f"{ns}/shown" in table and vip in table
+    _delete_all(core, ns, ["shown"])
+
+
+def test_systemd_notify_ready_watchdog_reloading_stopping(env: dict[str, Any], tmp_path: Path) -> None:
+    """A third daemon with its own loadBalancerClass (it serves none of the pair's Services)."""
+    import socket
+
+    from lbappliance.testing.appliances import appliance_config
+
+    lab = env["lab"]
+    app1, _ = env["apps"]
+    config = appliance_config(lab, "client", "app1", tmp_path / "state", env["cp"].appliance_kubeconfig,
+                              Path(app1.config["paths"]["pools"]), priority=10)
+    config["vrrp"]["routerIds"] = {"ipv4": 61, "ipv6": 62}
+    config["vrrp"]["unicastPeers"], config["vrrp"]["unicastPeers6"] = ["192.0.2.99"], []
+    config["vrrp"]["unicastSrcIp6"] = None
+    config["cluster"]["loadBalancerClass"] = "example.com/notify-test"
+    config["leaderElection"]["leaseName"] = "lbappliance-notify-test"
+    path = tmp_path / "notify.yaml"
+    path.write_text(yaml.safe_dump(config))
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(30)
+    proc = subprocess.Popen([sys.executable, "-m", "lbappliance", "run", "--config", str(path), "--identity", "probe",
+                             "--netns", lab.hosts["client"].netns],
+                            env={**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "2000000"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen: list[str] = []
+
+    def expect(message: str) -> None:
+        while message not in seen:
+            seen.append(sock.recv(4096).decode())
+
+    try:
+        expect("READY=1")
+        expect("WATCHDOG=1")
+        proc.send_signal(signal.SIGHUP)
+        expect("RELOADING=1")
+        seen.clear()
+        expect("READY=1")
+        proc.send_signal(signal.SIGTERM)
+        expect("STOPPING=1")
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sock.close()
+
+
+def test_invalid_config_at_start_exits_78(tmp_path: Path) -> None:
+    bad = tmp_path / "config.yaml"
+    bad.write_text("vrrp: {priority: 999}\n")
+    done = subprocess.run([sys.executable, "-m", "lbappliance", "run", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 78 and "vrrp.priority" in done.stderr
+    no_pools = tmp_path / "ok.yaml"
+    no_pools.write_text(yaml.safe_dump({"paths": {"pools": str(tmp_path / "missing.yaml"),
+                                                  "stateDir": str(tmp_path / "state")}}))
+    done = subprocess.run([sys.executable, "-m", "lbappliance", "run", "--config", str(no_pools)],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 78 and "missing.yaml" in done.stderr
