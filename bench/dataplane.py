@@ -3,7 +3,8 @@
 Throughput and latency through the VIP vs straight to a NodePort (wrk from the client host,
 HAProxy `http-request return` responders on the nodes), failed requests during reloads and node
 churn, planned and hard failover outage (median of 5), reload time and worker RSS at 1,000 and
-5,000 Services. Needs root; bounded loads only (about 4 minutes).
+5,000 Services; UDP requests/s and loss through the VIP (nftables DNAT) vs straight to the nodes;
+active-active VIP share and per-box throughput. Needs root; bounded loads only (about 5 minutes).
 
     ~/.cache/lbappliance/venv/bin/python bench/dataplane.py
 """
@@ -24,6 +25,7 @@ from lbappliance.core.render import render
 from lbappliance.edges.files import atomic_write
 from lbappliance.edges.haproxy import HAProxy
 from lbappliance.testing.netlab import NetworkLab
+from tests.integration.test_active_active import active_active_configs, held_vips, many_services
 from tests.integration.test_dataplane import (
     NODE_PORT,
     VIP,
@@ -37,6 +39,8 @@ from tests.integration.test_dataplane import (
     web_service,
 )
 from tests.integration.test_failover import measure, start_pair
+from tests.integration.test_udp import ECHO_NODE_PORT, ECHO_VIP, box_configs, dual_nodes, udp_services
+from tests.integration.test_udp import lab_state as dual_lab_state
 
 Row = tuple[str, str, str]
 
@@ -152,15 +156,147 @@ def scale(lab: NetworkLab, work: Path) -> list[Row]:
     return rows
 
 
+# Closed-loop UDP load: `flows` sockets (one source port, so one flow, each), up to `window`
+# requests in flight per socket, for `seconds`; answers that never come count as lost.
+UDP_LOAD = r"""
+import json, selectors, socket, sys, time
+targets = [(a, int(p)) for a, p in (t.rsplit(":", 1) for t in sys.argv[1].split(","))]
+flows, window, seconds = int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+sel = selectors.DefaultSelector()
+socks = []
+for i in range(flows):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setblocking(False)
+    s.connect(targets[i % len(targets)])
+    sel.register(s, selectors.EVENT_READ, i)
+    socks.append(s)
+inflight = [0] * flows
+last = [0.0] * flows
+sent = received = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    now = time.monotonic()
+    for i, s in enumerate(socks):
+        if inflight[i] and now - last[i] > 0.2:
+            inflight[i] = 0  # unanswered for 200 ms: given up (lost); keeps the window moving
+        while inflight[i] < window:
+            try:
+                s.send(b"x")
+            except OSError:
+                pass
+            inflight[i] += 1
+            sent += 1
+            last[i] = now
+    for key, _ in sel.select(timeout=0.05):
+        while True:
+            try:
+                key.fileobj.recv(512)
+            except OSError:  # BlockingIOError: drained; ConnectionRefusedError: ICMP unreachable
+                break
+            received += 1
+            inflight[key.data] = max(0, inflight[key.data] - 1)
+            last[key.data] = time.monotonic()
+drain = time.monotonic() + 0.5
+while time.monotonic() < drain:
+    for key, _ in sel.select(timeout=0.1):
+        while True:
+            try:
+                key.fileobj.recv(512)
+            except OSError:  # BlockingIOError: drained; ConnectionRefusedError: ICMP unreachable
+                break
+            received += 1
+print(json.dumps({"sent": sent, "received": received, "seconds": seconds}))
+"""
+
+
+def udp_load(lab: NetworkLab, targets: list[str], seconds: float = 6, flows: int = 24, window: int = 4) -> dict:  # type: ignore[type-arg]
+    import json
+    import subprocess
+
+    out = subprocess.run(["ip", "netns", "exec", lab.client.netns, "python3", "-I", "-S", "-c", UDP_LOAD,
+                          ",".join(targets), str(flows), str(window), str(seconds)],
+                         capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def udp(lab: NetworkLab, work: Path) -> list[Row]:
+    lab.serve_udp([ECHO_NODE_PORT])
+    config, _ = box_configs(work / "udp", check_ms=1000)
+    dp = dataplane(lab, config, "app1")
+    try:
+        dp.start()
+        dp.apply(dual_lab_state(config, udp_services(), dual_nodes(lab)))
+        time.sleep(1.5)
+        direct = udp_load(lab, [f"{h.ipv4}:{ECHO_NODE_PORT}" for h in lab.nodes])
+        via = udp_load(lab, [f"{ECHO_VIP}:7"])
+    finally:
+        dp.stop()
+
+    def row(name: str, r: dict) -> Row:  # type: ignore[type-arg]
+        lost = r["sent"] - r["received"]
+        return (name, f"{r['received'] / r['seconds']:,.0f} req/s",
+                f"loss {lost} / {r['sent']:,} ({100 * lost / max(r['sent'], 1):.2f} %); 24 flows x 4 in flight")
+
+    return [row("UDP echo direct to the 3 nodes", direct), row("UDP echo through VIP (nftables DNAT)", via),
+            ("UDP VIP / direct throughput", f"{100 * via['received'] / max(direct['received'], 1):.0f} %",
+             "one more hop: DNAT + masquerade + conntrack in the appliance kernel (Python responders)")]
+
+
+def active_active(lab: NetworkLab, work: Path) -> list[Row]:
+    configs = active_active_configs(work / "aa")
+    planes = {box: dataplane(lab, config, box) for box, config in configs.items()}
+    try:
+        states = {}
+        for box, dp in planes.items():
+            dp.start()
+            states[box] = dual_lab_state(configs[box], many_services(), dual_nodes(lab))
+            dp.apply(states[box])
+        deadline = time.monotonic() + 15
+        owned = {box: held_vips(lab, box) for box in planes}
+        while time.monotonic() < deadline and not (owned["app1"] and owned["app2"]
+                                                   and len(owned["app1"] | owned["app2"]) == 20):
+            time.sleep(0.2)
+            owned = {box: held_vips(lab, box) for box in planes}
+        time.sleep(1.5)
+        args = {"connections": 16, "threads": 1, "close": False}
+        loads = {box: start_wrk(lab, f"http://{sorted(owned[box])[0]}/", 8, **args) for box in planes if owned[box]}
+        results = {box: finish_wrk(proc) for box, proc in loads.items()}
+    finally:
+        for dp in planes.values():
+            dp.stop()
+    total = sum(r.rps for r in results.values())
+    return [
+        ("active-active VIP share (20 Services)", f"{len(owned['app1'])} / {len(owned['app2'])}",
+         "app1 / app2, stable hash of the VIP over 2 VRRP instances"),
+        *[(f"active-active {box} throughput (keep-alive, 16 conns)", f"{r.rps:,.0f} req/s",
+           f"p99 {r.p99_ms:.2f} ms, {r.failed} failed; both boxes loaded at once") for box, r in results.items()],
+        ("active-active both boxes together", f"{total:,.0f} req/s", "one wrk per box, concurrently"),
+    ]
+
+
 def main() -> int:
     t0 = time.monotonic()
+    only = set(sys.argv[1:])  # e.g. `udp active_active` for just those rows
     with tempfile.TemporaryDirectory(prefix="lbbench-") as tmp, NetworkLab(prefix="lbbench", nodes=3) as lab:
         work = Path(tmp)
+        if only:
+            lab.serve_nodeports([NODE_PORT])
+            lab.serve_health_ports()
+            rows = [row for name in sorted(only) for row in globals()[name](lab, work)]
+            _print(rows, t0)
+            return 0
         lab.serve_nodeports([NODE_PORT])
         lab.serve_health_ports()
         rows = throughput(lab, work)
+        rows += udp(lab, work)
+        rows += active_active(lab, work)
         rows += failover(lab, work)
         rows += scale(lab, work)
+    _print(rows, t0)
+    return 0
+
+
+def _print(rows: list[Row], t0: float) -> None:
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)
     print(f"\n{'measure':<{width}}  {'value':>{vwidth}}  notes")
@@ -168,7 +304,6 @@ def main() -> int:
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>{vwidth}}  {note}")
     print(f"\n(total {time.monotonic() - t0:.0f} s)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,16 @@ from typing import Any
 from .core.config import ApplianceConfig, ConfigError, load_pools, parse_config
 from .core.ipam import allocate
 from .core.kube import is_handled, needs_cleanup, parse_objects
-from .core.models import Allocation, DesiredState, Pool, Problem, Reason, Service
+from .core.models import (
+    FINALIZER,
+    Allocation,
+    DesiredState,
+    Pool,
+    Problem,
+    Reason,
+    Service,
+    vip_owner_states,
+)
 from .core.perf import gc_paused
 from .core.plan import Snapshot, plan
 from .edges import systemd
@@ -34,6 +44,8 @@ from .edges.metrics import Metrics
 
 log = logging.getLogger("lbappliance.daemon")
 EXIT_CONFIG = 78
+WRITERS = 16
+RESYNC = 5.0  # seconds between full passes when nothing changed
 
 
 class StartupError(Exception):
@@ -103,6 +115,8 @@ class Daemon:
         self.elector = LeaderElector(api, le.namespace, le.lease_name, self.identity, le.lease_duration,
                                      le.renew_deadline)
         self.emitted: dict[tuple[str, str], str] = {}
+        # Parallel API writes (status, finalizers) and best-effort Events off the loop's path.
+        self.writers = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="api-writer")
         self.last_state: DesiredState | None = None
         self.ready = False
         self._observer: Any = None
@@ -162,19 +176,29 @@ class Daemon:
             log.warning("caches not synced after 60s; serving what is known (API unreachable?)")
         self.dataplane.start()
         watchdog = systemd.watchdog_interval()
+        last_full = 0.0
         while not self.flags.stop:
-            self.flags.wake.wait(timeout=min(watchdog or 5.0, 5.0))
+            # Between passes, follow health checks (UDP maps) at the check interval; a full pass
+            # on every change and at least every RESYNC seconds (level-triggered).
+            period = min(self.config.health_check.interval_ms / 1000, watchdog or RESYNC)
+            woke = self.flags.wake.wait(timeout=period)
             self.flags.wake.clear()
-            self._debounce()
+            if woke:
+                self._debounce()
             if self.flags.stop:
                 break
-            self._handle_reloads()
-            self.reconcile_once()
+            if woke or time.monotonic() - last_full >= RESYNC:
+                self._handle_reloads()
+                self.reconcile_once()
+                last_full = time.monotonic()
+            else:
+                self.dataplane.sync_health()
             systemd.notify("WATCHDOG=1")
         systemd.notify("STOPPING=1")
         log.info("stopping: releasing leadership; the data plane keeps serving until the peer takes over")
         self.elector.release()
         self.cluster.stop()
+        self.writers.shutdown(wait=True, cancel_futures=True)
         self.dataplane.stop()
         if self._observer is not None:
             self._observer.stop()
@@ -291,31 +315,36 @@ class Daemon:
 
     def _publish(self, proposed: DesiredState, allocation: Allocation, services: list[Service],
                  objects: dict[str, dict[str, Any]]) -> list[Service]:
-        """Finalizer first, then status; returns the Services as they are after our writes."""
-        updated: dict[str, Service] = {}
-        publisher = self.cluster.publisher
-        for key, vips in proposed.served.items():
-            obj = objects.get(key)
-            if obj is None:
-                continue
-            with_finalizer = publisher.set_finalizer(obj, present=True)
-            if with_finalizer is None:
-                continue
-            self.cluster.services.update_local(with_finalizer)
-            before = tuple(i.get("ip") for i in ((obj.get("status") or {}).get("loadBalancer") or {})
-                           .get("ingress") or [])
-            after = publisher.set_ingress(with_finalizer, vips)
-            if after is None:
-                continue
-            self.cluster.services.update_local(after)
-            updated[key] = replace(next(s for s in services if s.key == key), ingress_ips=vips,
-                                   finalizers=tuple(after["metadata"].get("finalizers") or ()))
-            if tuple(before) != vips:
-                pools = sorted({allocation.pool_of.get(v, "?") for v in vips})
-                publisher.event(after, Reason.ALLOCATED,
-                                f"Assigned {', '.join(vips)} from pool {', '.join(pools)}")
+        """Finalizer first, then status; returns the Services as they are after our writes.
+
+        Writes for different Services are independent, so they go out in parallel: a burst of
+        new Services is bounded by API latency / WRITERS, not by their sum.
+        """
+        by_key = {s.key: s for s in services}
+        work = [(key, vips, objects[key]) for key, vips in proposed.served.items()
+                if key in objects and _needs_write(objects[key], vips)]
+        results = list(self.writers.map(lambda item: self._publish_one(*item, allocation), work))
+        updated = {key: replace(by_key[key], ingress_ips=vips, finalizers=finalizers)
+                   for (key, vips, _), finalizers in zip(work, results, strict=True) if finalizers is not None}
         self._emit_problems(proposed.problems, objects)
         return [updated.get(s.key, s) for s in services]
+
+    def _publish_one(self, key: str, vips: tuple[str, ...], obj: dict[str, Any],
+                     allocation: Allocation) -> tuple[str, ...] | None:
+        publisher = self.cluster.publisher
+        with_finalizer = publisher.set_finalizer(obj, present=True)
+        if with_finalizer is None:
+            return None
+        self.cluster.services.update_local(with_finalizer)
+        after = publisher.set_ingress(with_finalizer, vips)
+        if after is None:
+            return None
+        self.cluster.services.update_local(after)
+        if _ingress_of(obj) != vips:
+            pools = sorted({allocation.pool_of.get(v, "?") for v in vips})
+            self.writers.submit(publisher.event, after, Reason.ALLOCATED,
+                                f"Assigned {', '.join(vips)} from pool {', '.join(pools)}")
+        return tuple(after["metadata"].get("finalizers") or ())
 
     def _emit_problems(self, problems: tuple[Problem, ...], objects: dict[str, dict[str, Any]]) -> None:
         """One Event per distinct problem; repeated passes do not spam the Service."""
@@ -327,7 +356,7 @@ class Daemon:
             log.warning("Service %s: %s: %s", problem.service, problem.reason.value, problem.message)
             obj = objects.get(problem.service)
             if obj is not None:
-                self.cluster.publisher.event(obj, problem.reason, problem.message, warning=True)
+                self.writers.submit(self.cluster.publisher.event, obj, problem.reason, problem.message, True)
         self.emitted = current
 
     def _cleanup(self, state: DesiredState, services: list[Service], objects: dict[str, dict[str, Any]]) -> None:
@@ -356,7 +385,8 @@ class Daemon:
 
     @staticmethod
     def _shared_with_others(ip: str, service: Service, state: DesiredState) -> bool:
-        return any(f.vip == ip and f.service != service.key for f in state.frontends)
+        users = [(f.vip, f.service) for f in state.frontends] + [(u.vip, u.service) for u in state.udp]
+        return any(vip == ip and key != service.key for vip, key in users)
 
     def _record(self, state: DesiredState, allocation: Allocation, leader: bool) -> None:
         self.metrics.record_pools(self.pools, allocation)
@@ -371,20 +401,36 @@ class Daemon:
                      status_document(state, leader, vrrp, self.identity, self.dataplane))
 
 
+def _ingress_of(obj: dict[str, Any]) -> tuple[str, ...]:
+    ingress = ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+    return tuple(i.get("ip") for i in ingress)
+
+
+def _needs_write(obj: dict[str, Any], vips: tuple[str, ...]) -> bool:
+    meta = obj.get("metadata") or {}
+    modes = {i.get("ipMode") for i in ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []}
+    return FINALIZER not in (meta.get("finalizers") or []) or _ingress_of(obj) != vips or modes - {"Proxy"} != set()
+
+
 def status_document(state: DesiredState, leader: bool, vrrp: dict[str, str], identity: str,
                     dataplane: DataPlane) -> dict[str, Any]:
     try:
         health = dataplane.server_health()
     except OSError:
         health = {}
+    owners = vip_owner_states(state, vrrp)
     services: dict[str, dict[str, Any]] = {}
-    for fe in state.frontends:
-        entry = services.setdefault(fe.service, {"service": fe.service, "vips": list(state.served[fe.service]),
-                                                 "ports": [], "backends": {}})
-        entry["ports"].append(f"{fe.port}/{fe.protocol}")
-        for server in fe.backend.servers:
-            target = f"{server.address}:{fe.backend.port}"
-            entry["backends"][target] = health.get((fe.backend.name, server.name), "unknown")
+    listeners = [(f.service, f.port, f.protocol, f.backend) for f in state.frontends]
+    listeners += [(u.service, u.port, "UDP", u.backend) for u in state.udp]
+    for service, port, protocol, backend in listeners:
+        vips = list(state.served.get(service, ()))
+        entry = services.setdefault(service, {"service": service, "vips": vips, "ports": [], "backends": {},
+                                              "owner": {v: owners.get(v, "UNKNOWN") for v in vips}})
+        if f"{port}/{protocol}" not in entry["ports"]:
+            entry["ports"].append(f"{port}/{protocol}")
+        for server in backend.servers:
+            target = f"{server.address}:{backend.port}"
+            entry["backends"][target] = health.get((backend.name, server.name), "unknown")
     return {
         "identity": identity,
         "leader": leader,

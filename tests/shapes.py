@@ -7,6 +7,7 @@ from lbappliance.core.models import (
     ANN_POOL,
     ANN_PROXY,
     ANN_SHARED,
+    ANN_VRRP_INSTANCE,
     LABEL_EXCLUDE,
     Node,
     Pool,
@@ -49,6 +50,10 @@ def tcp(port: int, node_port: int, name: str = "") -> ServicePort:
     return ServicePort(name or f"p{port}", "TCP", port, node_port)
 
 
+def udp(port: int, node_port: int, name: str = "") -> ServicePort:
+    return ServicePort(name or f"u{port}", "UDP", port, node_port)
+
+
 NODES = (
     Node("node-1", (("InternalIP", "198.51.100.11"), ("InternalIP", "2001:db8:0:2::11"), ("Hostname", "node-1"))),
     Node("node-2", (("InternalIP", "198.51.100.12"), ("ExternalIP", "203.0.113.99"))),
@@ -78,4 +83,14 @@ SHAPES: dict[str, tuple[tuple[Service, ...], tuple[Node, ...]]] = {
               Service("default", "dual", creation="2", ports=(tcp(443, 30446),), ip_families=("IPv4", "IPv6"),
                       ip_family_policy="RequireDualStack", annotations={ANN_POOL: "default"})), NODES),
     "no-eligible-nodes": ((Service("default", "lonely", creation="1", ports=(tcp(80, 30087),)),), NODES[2:]),
+    "udp-dns": ((Service("dns", "coredns", creation="1", ports=(udp(53, 30053), tcp(53, 30053)),
+                         ip_families=("IPv4", "IPv6"), ip_family_policy="RequireDualStack"),
+                 Service("default", "syslog", creation="2", ports=(udp(514, 30514),),
+                         source_ranges=("198.51.100.0/24", "2001:db8:0:9::/64"), session_affinity="ClientIP"),
+                 Service("default", "game", creation="3", ports=(udp(7777, 30777),),
+                         external_traffic_policy="Local", health_check_node_port=32177),
+                 Service("default", "sctp", creation="4", ports=(ServicePort("s", "SCTP", 9, 30009),))), NODES),
+    "active-active": (tuple(Service("default", f"web{i}", creation=str(i), ports=(tcp(80, 30100 + i),),
+                                    annotations={ANN_VRRP_INSTANCE: "1"} if i == 0 else {})
+                            for i in range(6)), NODES),
 }

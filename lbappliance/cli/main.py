@@ -162,7 +162,8 @@ def status(config_path: Path, fmt: str) -> None:
     vrrp = ", ".join(f"{k}={v}" for k, v in sorted(document.get("vrrp", {}).items())) or "unknown"
     click.echo(f"appliance {document['identity']}  leader: {'yes' if document['leader'] else 'no'}  vrrp: {vrrp}")
     rows = [{"service": s["service"], "vips": s["vips"], "ports": s["ports"],
+             "this box": [("holds" if st == "MASTER" else st.lower()) for st in s.get("owner", {}).values()],
              "backends": [f"{t} {h}" for t, h in sorted(s["backends"].items())]} for s in document["services"]]
-    click.echo(table(rows, ("service", "vips", "ports", "backends")))
+    click.echo(table(rows, ("service", "vips", "ports", "this box", "backends")))
     for problem in document.get("problems", []):
         click.echo(f"problem: {problem['service']}: {problem['reason']}: {problem['message']}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from .models import Backend, DesiredState, Frontend
+from .models import Backend, DesiredState, Frontend, UdpForward
 from .render import server_options, server_target
 
 ChangeKind = Literal["noop", "runtime", "reload"]
@@ -64,7 +64,14 @@ def _skeleton(frontend: Frontend) -> Frontend:
 
 
 def _backends(state: DesiredState) -> dict[str, Backend]:
-    return {f.backend.name: f.backend for f in state.frontends}
+    """Every HAProxy backend: those behind frontends and the check-only ones of UDP forwards."""
+    out = {f.backend.name: f.backend for f in state.frontends}
+    out.update((u.backend.name, u.backend) for u in state.udp)
+    return out
+
+
+def _udp_skeleton(forward: UdpForward) -> UdpForward:
+    return replace(forward, backend=replace(forward.backend, servers=()))
 
 
 def structural_differences(old: DesiredState, new: DesiredState) -> tuple[str, ...]:
@@ -76,6 +83,16 @@ def structural_differences(old: DesiredState, new: DesiredState) -> tuple[str, .
     reasons += [f"frontend {n} changed" for n in sorted(old_fe.keys() & new_fe.keys()) if old_fe[n] != new_fe[n]]
     if [f.name for f in old.frontends] != [f.name for f in new.frontends] and not reasons:
         reasons.append("frontend order changed")
+    # A UDP forward's check backend is in haproxy.cfg; its VIP, port and ranges only reach nftables,
+    # but a changed forward is rare and the backend follows it, so any change but servers reloads.
+    old_udp = {u.name: _udp_skeleton(u) for u in old.udp}
+    new_udp = {u.name: _udp_skeleton(u) for u in new.udp}
+    reasons += [f"udp forward {n} added" for n in sorted(new_udp.keys() - old_udp.keys())]
+    reasons += [f"udp forward {n} removed" for n in sorted(old_udp.keys() - new_udp.keys())]
+    reasons += [f"udp forward {n} changed" for n in sorted(old_udp.keys() & new_udp.keys())
+                if old_udp[n] != new_udp[n]]
+    if [u.name for u in old.udp] != [u.name for u in new.udp] and not reasons:
+        reasons.append("udp forward order changed")
     return tuple(reasons)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .models import AddressRange, IPAddress, LabelRequirement, LabelSelector, Pool
 
@@ -71,6 +71,8 @@ class ClusterSettings(_Strict):
 
 
 class RouterIds(_Strict):
+    """The first virtual_router_id of each family; instance i of a family uses first + i."""
+
     ipv4: int = Field(default=51, ge=1, le=255)
     ipv6: int = Field(default=52, ge=1, le=255)
 
@@ -79,6 +81,15 @@ class VrrpSettings(_Strict):
     interface: str = "eth0"
     router_ids: RouterIds = Field(default_factory=RouterIds, alias="routerIds")
     priority: int = Field(default=100, ge=1, le=254)
+    # Active-active: VIPs are spread over `instances` VRRP instances per family (by a stable hash
+    # of the VIP, or the lbappliance.io/vrrp-instance annotation). This box runs `priority` on
+    # its home instances and `backupPriority` on the others; the peer mirrors it (home on the
+    # others), so each box is MASTER for its share and the loss of either moves only that share.
+    instances: int = Field(default=2, ge=1, le=16)
+    home_instances: tuple[int, ...] = Field(default=(0,), alias="homeInstances")
+    backup_priority: int | None = Field(default=None, alias="backupPriority", ge=1, le=254)
+    # Seconds a higher-priority box waits before taking back its home instances (nopreempt: false).
+    preempt_delay: int | None = Field(default=None, alias="preemptDelay", ge=0, le=1000)
     advert_interval: float = Field(default=0.1, alias="advertInterval", ge=0.01, le=40.0)
     unicast_src_ip: str | None = Field(default=None, alias="unicastSrcIp")
     unicast_peers: tuple[str, ...] = Field(default=(), alias="unicastPeers")
@@ -114,10 +125,38 @@ class VrrpSettings(_Strict):
     def _peers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(str(_ip(p)) for p in v)
 
-    def anchor(self, family: str) -> str:
-        if family == "IPv4":
-            return self.anchor_address or f"169.254.64.{self.router_ids.ipv4}"
-        return self.anchor_address6 or f"fe80::64:{self.router_ids.ipv6}"
+    @model_validator(mode="after")
+    def _instances(self) -> VrrpSettings:
+        bad = [i for i in self.home_instances if not 0 <= i < self.instances]
+        if bad:
+            raise ValueError(f"homeInstances {list(bad)} outside 0..{self.instances - 1} (instances: {self.instances})")
+        for family, first in (("ipv4", self.router_ids.ipv4), ("ipv6", self.router_ids.ipv6)):
+            if first + self.instances - 1 > 255:
+                raise ValueError(f"routerIds.{family} {first} + {self.instances} instances exceeds 255")
+        return self
+
+    def router_id(self, family: str, index: int = 0) -> int:
+        return (self.router_ids.ipv4 if family == "IPv4" else self.router_ids.ipv6) + index
+
+    def instance_priority(self, index: int) -> int:
+        """This box's priority on instance `index` of a family: high at home, lower elsewhere."""
+        if index in self.home_instances:
+            return self.priority
+        # Default just below `priority`: the other box's home priority wins, and a short VRRP skew
+        # ((256 - priority) / 256 advert intervals) keeps failover of this instance fast.
+        return self.backup_priority if self.backup_priority is not None else max(1, self.priority - 1)
+
+    def instance_name(self, family: str, index: int = 0) -> str:
+        base = f"VI_{'v4' if family == 'IPv4' else 'v6'}"
+        return base if index == 0 else f"{base}_{index}"
+
+    def anchor(self, family: str, index: int = 0) -> str:
+        """Instance `index`'s advertised address: configured anchor + index, else link-local by router id."""
+        configured = self.anchor_address if family == "IPv4" else self.anchor_address6
+        if configured:
+            return str(ipaddress.ip_address(configured) + index)
+        rid = self.router_id(family, index)
+        return f"169.254.64.{rid}" if family == "IPv4" else f"fe80::64:{rid}"
 
     @field_validator("advert_interval")
     @classmethod
@@ -155,6 +194,7 @@ class PathSettings(_Strict):
     state_dir: AbsPath = Field(default="/run/lbappliance", alias="stateDir")
     haproxy_binary: AbsPath = Field(default="/usr/sbin/haproxy", alias="haproxyBinary")
     keepalived_binary: AbsPath = Field(default="/usr/sbin/keepalived", alias="keepalivedBinary")
+    nft_binary: AbsPath = Field(default="/usr/sbin/nft", alias="nftBinary")
 
     @field_validator("*")
     @classmethod

@@ -18,6 +18,7 @@ ANN_LB_IPS = ANNOTATION_PREFIX + "load-balancer-ips"
 ANN_POOL = ANNOTATION_PREFIX + "pool"
 ANN_SHARED = ANNOTATION_PREFIX + "allow-shared-ip"
 ANN_PROXY = ANNOTATION_PREFIX + "proxy-protocol"
+ANN_VRRP_INSTANCE = ANNOTATION_PREFIX + "vrrp-instance"
 LABEL_EXCLUDE = "node.kubernetes.io/exclude-from-external-load-balancers"
 TAINT_AUTOSCALER_DELETE = "ToBeDeletedByClusterAutoscaler"
 KUBE_PROXY_HEALTH_PORT = 10256
@@ -237,11 +238,34 @@ class Frontend:
 
 
 @dataclass(frozen=True)
+class UdpForward:
+    """One (VIP, port) of a UDP Service port, forwarded by nftables (HAProxy cannot proxy UDP).
+
+    `backend` is a check-only HAProxy backend (no frontend): HAProxy runs the same per-node
+    health checks as for TCP, and only the servers it reports UP go into the nftables map.
+    """
+
+    name: str
+    service: str
+    vip: str
+    port: int
+    source_ranges: tuple[str, ...]
+    backend: Backend
+
+    @property
+    def family(self) -> Family:
+        return self.backend.family
+
+
+@dataclass(frozen=True)
 class VrrpInstance:
     name: str
     family: Family
     router_id: int
     vips: tuple[str, ...]
+    index: int = 0  # position among this family's instances (VIPs are spread over them)
+    priority: int = 100  # this box's priority on the instance (mirrored on the peer)
+    anchor: str = ""  # the only advertised address: constant, never a Service VIP
 
 
 @dataclass(frozen=True)
@@ -252,10 +276,20 @@ class DesiredState:
     vrrp: tuple[VrrpInstance, ...]
     served: Mapping[str, tuple[str, ...]]  # service key -> VIPs it is served on
     problems: tuple[Problem, ...] = ()
+    udp: tuple[UdpForward, ...] = ()
+    # VIP -> name of the VRRP instance carrying it; with `DataPlane.vrrp_states()` (instance ->
+    # MASTER/BACKUP) this tells which box owns each VIP (see `vip_owner_states`).
+    vip_instances: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def vips(self) -> tuple[str, ...]:
-        return tuple(sorted({f.vip for f in self.frontends}, key=_address_sort_key))
+        found = {f.vip for f in self.frontends} | {u.vip for u in self.udp}
+        return tuple(sorted(found, key=_address_sort_key))
+
+
+def vip_owner_states(state: DesiredState, vrrp_states: Mapping[str, str]) -> dict[str, str]:
+    """VIP -> this box's VRRP state for the instance carrying it (MASTER = this box owns it)."""
+    return {vip: vrrp_states.get(instance, "UNKNOWN") for vip, instance in sorted(state.vip_instances.items())}
 
 
 def _address_sort_key(address: str) -> tuple[int, int]:

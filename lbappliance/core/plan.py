@@ -8,6 +8,7 @@ for that Service; the rest of the cluster is unaffected.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from .ipam import allocate
 from .kube import node_is_eligible
 from .models import (
     ANN_PROXY,
+    ANN_VRRP_INSTANCE,
     KUBE_PROXY_HEALTH_PORT,
     Allocation,
     Backend,
@@ -30,6 +32,7 @@ from .models import (
     Server,
     Service,
     ServicePort,
+    UdpForward,
     VrrpInstance,
     address_sort_key,
     family_of,
@@ -37,7 +40,8 @@ from .models import (
 )
 
 PROXY_PROTOCOLS = {"v1": "send-proxy", "v2": "send-proxy-v2"}
-SERVABLE_PROTOCOLS = {"TCP"}
+# TCP through HAProxy; UDP through nftables DNAT (HAProxy community edition cannot proxy UDP).
+SERVABLE_PROTOCOLS = {"TCP", "UDP"}
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,8 @@ def _servable_ports(service: Service) -> tuple[list[ServicePort], list[str]]:
     for port in sorted(service.ports, key=lambda p: (p.port, p.protocol)):
         label = f"port {port.port}/{port.protocol}"
         if port.protocol not in SERVABLE_PROTOCOLS:
-            problems.append(f"{label}: HAProxy cannot proxy {port.protocol}; this port is not served")
+            problems.append(f"{label}: {port.protocol} is not supported (HAProxy proxies TCP, nftables "
+                            "forwards UDP); this port is not served")
         elif port.node_port is None:
             why = ("allocateLoadBalancerNodePorts is false"
                    if not service.allocate_node_ports else "the apiserver has not assigned one yet")
@@ -97,50 +102,104 @@ def _proxy_name(service: Service, port: ServicePort, family: Family) -> str:
     return f"{service.namespace}_{service.name}_{port.protocol.lower()}{port.port}_{suffix}"
 
 
-def plan_service(
-    service: Service, vips: Sequence[str], targets: Mapping[Family, tuple[Server, ...]]
-) -> tuple[list[Frontend], list[Problem]]:
-    """Frontends for one Service on its VIPs, or the problems that stop it being served."""
+@dataclass(frozen=True)
+class ServicePlan:
+    """What one Service contributes: TCP frontends, UDP forwards, a pinned VRRP instance, problems."""
+
+    frontends: tuple[Frontend, ...] = ()
+    udp: tuple[UdpForward, ...] = ()
+    pin: int | None = None
+    problems: tuple[Problem, ...] = ()
+
+    @property
+    def vips(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([*(f.vip for f in self.frontends), *(u.vip for u in self.udp)]))
+
+
+def vrrp_pin(service: Service, instances: int) -> tuple[int | None, str | None]:
+    """The `lbappliance.io/vrrp-instance` annotation: an index below the configured instance count."""
+    text = service.annotations.get(ANN_VRRP_INSTANCE)
+    if text is None:
+        return None, None
+    if not (text.isascii() and text.isdigit() and len(text) <= 3) or int(text) >= instances:
+        return None, (f"annotation {ANN_VRRP_INSTANCE}: {text!r} is not an instance index "
+                      f"0..{instances - 1}")
+    return int(text), None
+
+
+def plan_service_full(
+    service: Service, vips: Sequence[str], targets: Mapping[Family, tuple[Server, ...]], instances: int = 1
+) -> ServicePlan:
+    """Frontends (TCP) and forwards (UDP) for one Service on its VIPs, or the problems that stop it."""
     problems: list[Problem] = []
 
     def problem(message: str) -> None:
         problems.append(Problem(service.key, Reason.INVALID, message))
 
+    def refused() -> ServicePlan:
+        return ServicePlan(problems=tuple(problems))
+
     proxy = service.annotations.get(ANN_PROXY)
     if proxy is not None and proxy not in PROXY_PROTOCOLS:
         problem(f"annotation {ANN_PROXY}: {proxy!r} is not one of {sorted(PROXY_PROTOCOLS)}")
-        return [], problems
+        return refused()
+    pin, pin_error = vrrp_pin(service, instances)
+    if pin_error:
+        problem(pin_error)
+        return refused()
     ranges, range_error = _source_ranges(service)
     if range_error:
         problem(range_error)
-        return [], problems
+        return refused()
     if service.external_traffic_policy == "Local" and not service.health_check_node_port:
         problem("externalTrafficPolicy Local without spec.healthCheckNodePort; cannot tell which nodes "
                 "have endpoints")
-        return [], problems
+        return refused()
     ports, port_problems = _servable_ports(service)
     for message in port_problems:
         problem(message)
     check_port = (service.health_check_node_port if service.external_traffic_policy == "Local"
                   else KUBE_PROXY_HEALTH_PORT) or 0
     affinity = service.affinity_timeout if service.session_affinity == "ClientIP" else None
-    frontends = []
+    frontends: list[Frontend] = []
+    forwards: list[UdpForward] = []
     for vip in vips:
         family = family_of(parse_address(vip))
         for port in ports:
             name = _proxy_name(service, port, family)
+            udp = port.protocol == "UDP"
             backend = Backend(
                 name=f"be_{name}",
-                servers=targets[family],
+                # HAProxy may proxy a v6 VIP to a v4-only node; a kernel DNAT stays in its family.
+                servers=_same_family(targets[family], family) if udp else targets[family],
                 port=port.node_port or 0,
                 check_port=check_port,
                 check_path="/healthz",
-                proxy_protocol=PROXY_PROTOCOLS.get(proxy or ""),
+                proxy_protocol=None if udp else PROXY_PROTOCOLS.get(proxy or ""),
                 affinity_timeout=affinity,
                 family=family,
             )
-            frontends.append(Frontend(f"fe_{name}", service.key, vip, port.port, port.protocol, ranges, backend))
-    return frontends, problems
+            if udp:
+                forwards.append(UdpForward(f"udp_{name}", service.key, vip, port.port, ranges, backend))
+            else:
+                frontends.append(Frontend(f"fe_{name}", service.key, vip, port.port, port.protocol, ranges,
+                                          backend))
+    return ServicePlan(tuple(frontends), tuple(forwards), pin, tuple(problems))
+
+
+def _same_family(servers: tuple[Server, ...], family: Family) -> tuple[Server, ...]:
+    version = 4 if family == "IPv4" else 6
+    if all(parse_address(s.address).version == version for s in servers):
+        return servers  # the shared tuple: render builds each server block once
+    return tuple(s for s in servers if parse_address(s.address).version == version)
+
+
+def plan_service(
+    service: Service, vips: Sequence[str], targets: Mapping[Family, tuple[Server, ...]]
+) -> tuple[list[Frontend], list[Problem]]:
+    """TCP frontends for one Service (the UDP forwards are in `plan_service_full`)."""
+    result = plan_service_full(service, vips, targets)
+    return list(result.frontends), list(result.problems)
 
 
 def backend_targets(nodes: Sequence[Node], preference: Sequence[str]) -> dict[Family, tuple[Server, ...]]:
@@ -157,20 +216,39 @@ def backend_targets(nodes: Sequence[Node], preference: Sequence[str]) -> dict[Fa
     return out
 
 
-def vrrp_instances(vips: Iterable[str], config: ApplianceConfig) -> tuple[VrrpInstance, ...]:
-    """IPv4 always, IPv6 when configured or in use: instances never come and go with Services,
-    so a box's VRRP state survives any Service change."""
-    by_family: dict[Family, list[str]] = {"IPv4": [], "IPv6": []}
+def hashed_instance(vip: str, instances: int) -> int:
+    """A stable instance index for a VIP: the same on every box, every run, every Python."""
+    if instances <= 1:
+        return 0
+    digest = hashlib.sha256(parse_address(vip).packed).digest()
+    return int.from_bytes(digest[:8], "big") % instances
+
+
+def vrrp_instances(
+    vips: Iterable[str], config: ApplianceConfig, pins: Mapping[str, int] | None = None
+) -> tuple[VrrpInstance, ...]:
+    """`vrrp.instances` per family: IPv4 always, IPv6 when configured or in use. Instances never
+    come and go with Services, so a box's VRRP state survives any Service change. Each VIP goes
+    to its pinned instance or the one its hash picks."""
+    settings = config.vrrp
+    pins = pins or {}
+    count = settings.instances
+    by_slot: dict[tuple[Family, int], list[str]] = {}
     for vip in vips:
-        by_family[family_of(parse_address(vip))].append(vip)
-    ids = {"IPv4": config.vrrp.router_ids.ipv4, "IPv6": config.vrrp.router_ids.ipv6}
+        family = family_of(parse_address(vip))
+        index = pins.get(vip, hashed_instance(vip, count))
+        by_slot.setdefault((family, index), []).append(vip)
     wanted: list[Family] = ["IPv4"]
-    if by_family["IPv6"] or config.vrrp.unicast_src_ip6:
+    if any(f == "IPv6" for f, _ in by_slot) or settings.unicast_src_ip6:
         wanted.append("IPv6")
     return tuple(
-        VrrpInstance(f"VI_{'v4' if f == 'IPv4' else 'v6'}", f, ids[f],
-                     tuple(sorted(by_family[f], key=address_sort_key)))
+        VrrpInstance(
+            settings.instance_name(f, i), f, settings.router_id(f, i),
+            tuple(sorted(by_slot.get((f, i), ()), key=address_sort_key)),
+            index=i, priority=settings.instance_priority(i), anchor=settings.anchor(f, i),
+        )
         for f in wanted
+        for i in range(count)
     )
 
 
@@ -178,23 +256,42 @@ def plan(snapshot: Snapshot, allocation: Allocation) -> DesiredState:
     services: Mapping[str, Service] = {s.key: s for s in snapshot.services}
     problems = list(allocation.problems)
     frontends: list[Frontend] = []
+    forwards: list[UdpForward] = []
     served: dict[str, tuple[str, ...]] = {}
+    pin_claims: dict[str, list[tuple[tuple[str, str, str], int, str]]] = {}
+    instances = snapshot.config.vrrp.instances
     targets = backend_targets(snapshot.nodes, snapshot.config.cluster.node_address_types)
     for key in sorted(allocation.assignments):
         service = services[key]
-        vips = allocation.assignments[key]
-        service_frontends, service_problems = plan_service(service, vips, targets)
-        problems.extend(service_problems)
-        if service_frontends:
-            frontends.extend(service_frontends)
-            served[key] = tuple(dict.fromkeys(f.vip for f in service_frontends))
+        result = plan_service_full(service, allocation.assignments[key], targets, instances)
+        problems.extend(result.problems)
+        if result.frontends or result.udp:
+            frontends.extend(result.frontends)
+            forwards.extend(result.udp)
+            served[key] = result.vips
+            if result.pin is not None:
+                for vip in result.vips:
+                    pin_claims.setdefault(vip, []).append((service.sort_key(), result.pin, key))
+    pins: dict[str, int] = {}
+    for vip, claims in pin_claims.items():
+        claims.sort()
+        pins[vip] = claims[0][1]
+        for _, index, key in claims[1:]:
+            if index != pins[vip]:
+                problems.append(Problem(key, Reason.INVALID,
+                                        f"annotation {ANN_VRRP_INSTANCE}: {vip} is shared with {claims[0][2]}, "
+                                        f"pinned to instance {pins[vip]}; {index} is ignored"))
     frontends.sort(key=lambda f: (address_sort_key(f.vip), f.port, f.protocol, f.name))
-    vips = sorted({f.vip for f in frontends}, key=address_sort_key)
+    forwards.sort(key=lambda u: (address_sort_key(u.vip), u.port, u.name))
+    vips = sorted({*(f.vip for f in frontends), *(u.vip for u in forwards)}, key=address_sort_key)
+    vrrp = vrrp_instances(vips, snapshot.config, pins)
     return DesiredState(
         frontends=tuple(frontends),
-        vrrp=vrrp_instances(vips, snapshot.config),
+        vrrp=vrrp,
         served=served,
         problems=tuple(sorted(problems)),
+        udp=tuple(forwards),
+        vip_instances={vip: inst.name for inst in vrrp for vip in inst.vips},
     )
 
 

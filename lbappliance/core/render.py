@@ -85,6 +85,7 @@ def notify_script(config: ApplianceConfig) -> str:
 def render_haproxy(state: DesiredState, config: ApplianceConfig) -> str:
     return _environment().get_template("haproxy.cfg.j2").render(
         frontends=state.frontends,
+        udp=state.udp,
         server_lines=_server_lines_renderer(),
         server_defaults=server_defaults(config.health_check),
         paths=config.paths,

@@ -20,12 +20,14 @@ from typing import Literal
 
 from lbappliance.core.changes import Change, classify
 from lbappliance.core.config import ApplianceConfig
-from lbappliance.core.models import DesiredState
+from lbappliance.core.models import DesiredState, UdpForward
+from lbappliance.core.nft import Health, map_members, render_nft
 from lbappliance.core.render import RenderedConfigs, render, server_defaults
 
 from .files import atomic_write
 from .haproxy import HAProxy, HaproxyError
 from .keepalived import Keepalived, KeepalivedError, read_vrrp_states
+from .nft import Nftables, NftError
 from .validate import Verdict, check_haproxy, check_keepalived
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,9 @@ class DataPlane:
     counts: Counter[str] = field(default_factory=Counter)
     _last: DesiredState | None = field(default=None, repr=False)
     _pending: set[tuple[str, str]] = field(default_factory=set, repr=False)
+    _udp: tuple[UdpForward, ...] = field(default=(), repr=False)
+    _udp_health: Health | None = field(default=None, repr=False)
+    _nft_text: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         paths = self.config.paths
@@ -66,6 +71,7 @@ class DataPlane:
                                f"{paths.state_dir}/haproxy.log")
         self.keepalived = Keepalived(paths.keepalived_config, paths.state_dir, paths.keepalived_pidfile,
                                      paths.keepalived_binary, prefix, f"{paths.state_dir}/keepalived.log")
+        self.nft = Nftables(paths.state_dir, paths.nft_binary, prefix)
 
     @property
     def managed(self) -> bool:
@@ -92,6 +98,10 @@ class DataPlane:
             self.keepalived.stop()
         with contextlib.suppress(HaproxyError, OSError):
             self.haproxy.stop()
+        if self._nft_text is not None and self._udp:
+            with contextlib.suppress(NftError, OSError):
+                self.nft.remove()  # HAProxy is gone too: this box forwards nothing any more
+            self._nft_text = None
 
     # ---- the pass
 
@@ -102,7 +112,7 @@ class DataPlane:
         paths = self.config.paths
         hap_new = _differs(paths.haproxy_config, rendered.haproxy)
         ka_new = _differs(paths.keepalived_config, rendered.keepalived)
-        rejected = self._validate(rendered, hap_new, ka_new)
+        rejected = self._validate(rendered, hap_new, ka_new) or self._validate_nft(state)
         if rejected is not None:
             self.counts["rejected"] += 1
             return ApplyResult("rejected", message=rejected, seconds=time.monotonic() - start)
@@ -110,7 +120,9 @@ class DataPlane:
         try:
             kind, message = self._apply_haproxy(change, hap_new)
             ka_reloaded = self._apply_keepalived(ka_new)
-        except (HaproxyError, KeepalivedError, OSError) as exc:
+            self._udp = state.udp
+            self._sync_nft()
+        except (HaproxyError, KeepalivedError, NftError, OSError) as exc:
             self.counts["failed"] += 1
             log.error("apply failed: %s", exc)
             return ApplyResult("failed", change, message=str(exc), seconds=time.monotonic() - start)
@@ -151,6 +163,72 @@ class DataPlane:
                 log.error("rejected %s: %s", live, output)
                 return f"{live}: {output}"
         return None
+
+    def _validate_nft(self, state: DesiredState) -> str | None:
+        """`nft -c` on the UDP ruleset (inside the box's namespace: the check talks to its kernel)."""
+        if not state.udp:
+            return None
+        verdict = self.nft.check(render_nft(state.udp, self._read_udp_health(state.udp)))
+        if verdict.ok:
+            return None
+        log.error("rejected nftables ruleset: %s", verdict.output)
+        return f"{self.nft.ruleset_path}: {verdict.output}"
+
+    # ---- UDP forwards (nftables) and their health
+
+    def sync_health(self) -> bool:
+        """Bring the UDP forwarding maps in line with HAProxy's latest health-check results.
+
+        The daemon calls this between passes, about once per health-check interval. Cheap: with
+        no UDP forwards it does nothing; otherwise one `show stat` on the runtime socket, and
+        `nft -f` only when the set of UP nodes of some forward changed. Returns True when the
+        ruleset was reloaded. Never raises: a refused ruleset is logged and counted
+        (`counts["nft_failed"]`), and the previous one stays live.
+        """
+        if not self._udp and self._nft_text is None:
+            return False
+        try:
+            return self._sync_nft()
+        except (NftError, OSError) as exc:
+            self.counts["nft_failed"] += 1
+            log.error("UDP forwarding update failed; the previous ruleset stays live: %s", exc)
+            return False
+
+    def _read_udp_health(self, forwards: tuple[UdpForward, ...]) -> Health | None:
+        """backend -> UP servers, for the check-only backends of `forwards`.
+
+        A backend HAProxy does not report yet (a reload in flight) is left out, which counts all
+        its nodes as up, as HAProxy itself does before the first check; when the runtime API does
+        not answer, the last known health stands.
+        """
+        if not forwards:
+            return {}
+        try:
+            states = self.haproxy.server_states()
+        except (HaproxyError, OSError):
+            return self._udp_health
+        wanted = {u.backend.name for u in forwards}
+        known = {backend for backend, _ in states} & wanted
+        health = {backend: frozenset(server for (b, server), st in states.items() if b == backend and st == "UP")
+                  for backend in known}
+        self._udp_health = health
+        return health
+
+    def _sync_nft(self) -> bool:
+        text = render_nft(self._udp, self._read_udp_health(self._udp))
+        if text == self._nft_text:
+            return False
+        if not self._udp and not self.nft.available():
+            self._nft_text = text  # nothing to forward and no nft here: nothing to clean up either
+            return False
+        self.nft.load(text)
+        self._nft_text = text
+        self.counts["nft_load"] += 1
+        return True
+
+    def udp_map(self) -> dict[str, tuple[str, ...]]:
+        """forward name -> node names new flows go to, as last loaded into nftables."""
+        return map_members(self._udp, self._udp_health)
 
     def _apply_haproxy(self, change: Change, file_new: bool) -> tuple[ApplyKind, str]:
         live = self.config.paths.haproxy_config

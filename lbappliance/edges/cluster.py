@@ -28,10 +28,13 @@ COMPONENT = "lbappliance"
 
 
 def api_client_from_kubeconfig(path: str | None) -> client.ApiClient:
+    configuration = client.Configuration()
     if path:
-        return config.new_client_from_config(config_file=path)
-    config.load_incluster_config()
-    return client.ApiClient()
+        config.load_kube_config(config_file=path, client_configuration=configuration)
+    else:
+        config.load_incluster_config(client_configuration=configuration)
+    configuration.connection_pool_maxsize = 32  # watches + parallel writers share the pool
+    return client.ApiClient(configuration)
 
 
 def _key(obj: Mapping[str, Any]) -> str:

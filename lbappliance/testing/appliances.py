@@ -172,3 +172,28 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.1, what: str = 
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+#: Per-box VRRP settings for active-active: both boxes high (150) on their home instance and
+#: 100 on the other, preemption on (a returning box takes its share back after 1 s).
+ACTIVE_ACTIVE_VRRP = {
+    "app1": {"priority": 150, "homeInstances": [0], "backupPriority": 100, "nopreempt": False, "preemptDelay": 1},
+    "app2": {"priority": 150, "homeInstances": [1], "backupPriority": 100, "nopreempt": False, "preemptDelay": 1},
+}
+
+
+def make_active_active_pair(lab: NetworkLab, workdir: Path, kubeconfig: Path, pools: str | None = None,
+                            lease_seconds: float = 4.0, health_ms: int = 500, instances: int = 2
+                            ) -> tuple[Appliance, Appliance]:
+    """`make_pair` with VIPs spread over `instances` VRRP instances per family, mirrored priorities."""
+    pair = make_pair(lab, workdir, kubeconfig, pools, lease_seconds, health_ms)
+    for app in pair:
+        app.config["vrrp"].update(ACTIVE_ACTIVE_VRRP[app.name], instances=instances)
+        app.config_path.write_text(yaml.safe_dump(app.config, sort_keys=False))
+    return pair
+
+
+def held_addresses(lab: NetworkLab, host: str, dev: str = "eth0") -> set[str]:
+    """Addresses configured on a lab host's interface right now (VIPs a box holds, its own too)."""
+    out = lab.exec(host, ["ip", "-o", "addr", "show", "dev", dev]).stdout
+    return {line.split()[3].split("/")[0] for line in out.splitlines() if len(line.split()) > 3}

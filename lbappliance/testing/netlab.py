@@ -123,6 +123,50 @@ sys.exit(1 if pending else 0)
 """
 
 
+# A UDP echo responder for node hosts: every datagram on any of the ports is answered with
+# "<nodename> <payload>", so a client sees which node a flow reached (dual-stack sockets).
+_UDP_ECHO_SNIPPET = r"""
+import selectors, socket, sys
+name = sys.argv[1].encode()
+sel = selectors.DefaultSelector()
+for p in sys.argv[2:]:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", int(p)))
+    s.setblocking(False)
+    sel.register(s, selectors.EVENT_READ)
+print("ready", flush=True)
+while True:
+    for key, _ in sel.select():
+        while True:
+            try:
+                data, peer = key.fileobj.recvfrom(2048)
+            except BlockingIOError:
+                break
+            key.fileobj.sendto(name + b" " + data, peer)
+"""
+
+# n UDP requests from a fresh socket each (a new source port: a new flow), answers counted by node.
+_UDP_ASK_SNIPPET = r"""
+import collections, json, socket, sys
+addr, port, n, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+seen = collections.Counter()
+for i in range(n):
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        payload = ("q%d" % i).encode()
+        try:
+            s.sendto(payload, (addr, port))
+            data, _ = s.recvfrom(2048)
+            node, _, echoed = data.decode().partition(" ")
+            seen[node if echoed == payload.decode() else "mismatch"] += 1
+        except OSError:
+            seen["error"] += 1
+print(json.dumps(seen))
+"""
+
+
 class LabError(RuntimeError):
     """A lab operation failed; the message carries the command and its output."""
 
@@ -440,6 +484,8 @@ class NetworkLab:
         self._healthservers: dict[str, subprocess.Popen[bytes]] = {}
         self._nodeports: dict[str, set[int]] = {}
         self._health_ports: dict[str, set[int]] = {}
+        self._udp_ports: dict[str, set[int]] = {}
+        self._udp_echos: dict[str, subprocess.Popen[bytes]] = {}
         self._created_netns: list[str] = []
         self._lock: IO[str] | None = None
         self._up = False
@@ -542,6 +588,7 @@ class NetworkLab:
         self._tracked.clear()
         self._responders.clear()
         self._healthservers.clear()
+        self._udp_echos.clear()
         pattern = _lab_netns_re(self.prefix)
         try:
             present = set(_list_netns())
@@ -623,6 +670,8 @@ class NetworkLab:
                 "net.ipv4.ip_nonlocal_bind": "1",
                 "net.ipv6.ip_nonlocal_bind": "1",
                 "net.ipv4.ip_forward": "1",
+                # UDP Services are DNATed to the nodes by the appliance's kernel, in both families.
+                "net.ipv6.conf.all.forwarding": "1",
             }
         self._sysctl(h.netns, values)
         _run(["ip", "-n", h.netns, "link", "set", "lo", "up"])
@@ -654,6 +703,9 @@ class NetworkLab:
             self.serve_nodeports(sorted(nodeports), nodes=[h.name])
         if health:
             self.serve_health_ports(sorted(health), nodes=[h.name])
+        udp = set().union(*self._udp_ports.values()) if self._udp_ports else set()
+        if udp:
+            self.serve_udp(sorted(udp), nodes=[h.name])
         return h
 
     def remove_node(self, name: str) -> None:
@@ -666,6 +718,8 @@ class NetworkLab:
             self._stop_tracked(t, signal.SIGTERM, _STOP_GRACE)
         self._responders.pop(name, None)
         self._healthservers.pop(name, None)
+        self._udp_echos.pop(name, None)
+        self._udp_ports.pop(name, None)
         self._nodeports.pop(name, None)
         self._health_ports.pop(name, None)
         self._reap_strays(h.netns)
@@ -901,6 +955,49 @@ class NetworkLab:
                 f"{log_name} in {host.netns} not listening on {res.stdout.strip() or ports} "
                 f"(exit={proc.poll()}); log tail:\n{tail}"
             )
+
+    def serve_udp(self, ports: Iterable[int], nodes: Iterable[str | LabHost] | None = None) -> None:
+        """Answer every UDP datagram on these ports with ``"<nodename> <payload>"`` (adds to earlier ports)."""
+        self._require_up()
+        ports = set(ports)
+        for h in self._target_nodes(nodes):
+            current = self._udp_ports.setdefault(h.name, set())
+            running = self._udp_echos.get(h.name)
+            if ports <= current and running is not None and running.poll() is None:
+                continue
+            current.update(ports)
+            old = self._udp_echos.pop(h.name, None)
+            if old is not None:
+                self.stop(old)
+            argv = [sys.executable, "-I", "-S", "-u", "-c", _UDP_ECHO_SNIPPET, h.name, *map(str, sorted(current))]
+            proc = self.spawn(h, argv, log_name=f"{h.name}-udp")
+            self._udp_echos[h.name] = proc
+            deadline = time.monotonic() + 10
+            while "ready" not in self.log_path(f"{h.name}-udp").read_text(errors="replace"):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise LabError(f"UDP echo on {h.name} did not start: "
+                                   f"{self.log_path(f'{h.name}-udp').read_text(errors='replace')[-2000:]}")
+                time.sleep(0.02)
+
+    def stop_udp(self, nodes: Iterable[str | LabHost] | None = None) -> None:
+        """Stop the UDP echo responders (their ports then answer ICMP port unreachable)."""
+        self._require_up()
+        for h in self._target_nodes(nodes):
+            proc = self._udp_echos.pop(h.name, None)
+            if proc is not None:
+                self.stop(proc)
+            self._udp_ports.pop(h.name, None)
+
+    def udp_ask(self, from_host: str | LabHost, address: str, port: int, n: int = 10,
+                timeout: float = 1.0) -> dict[str, int]:
+        """``n`` UDP requests from a fresh socket each (a new flow each); node name -> answers,
+        ``"error"`` for requests without an answer."""
+        res = self.exec(from_host, [sys.executable, "-I", "-S", "-c", _UDP_ASK_SNIPPET, address, str(port), str(n),
+                                    str(timeout)], check=False, timeout=n * timeout + 15)
+        try:
+            return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            raise LabError(f"udp_ask failed ({res.returncode}): {res.stderr.strip()}") from None
 
     # ---- probes
 

@@ -44,12 +44,16 @@ def env(control_plane: Any, admin_api: Any, apply_rbac: Any, tmp_path_factory: p
     from kubernetes import client
 
     from lbappliance.testing.appliances import example_manifests, make_pair, node_objects, node_ports, wait_for
-    from lbappliance.testing.netlab import NetworkLab
+    from lbappliance.testing.netlab import LabBusyError, NetworkLab
 
     apply_rbac()
     core = client.CoreV1Api(admin_api)
     workdir = tmp_path_factory.mktemp("daemon")
-    with NetworkLab(prefix="lbe", nodes=3, workdir=workdir / "lab") as lab:
+    try:
+        lab = NetworkLab(prefix="lbe", nodes=3, workdir=workdir / "lab").__enter__()
+    except LabBusyError:  # another suite on this machine holds the prefix: take a private one
+        lab = NetworkLab(prefix=f"lbe{os.getpid() % 100000}", nodes=3, workdir=workdir / "lab").__enter__()
+    with lab:
         for node in node_objects(lab):
             with contextlib.suppress(client.ApiException):
                 core.create_node(node)
@@ -355,6 +359,9 @@ def test_status_command_shows_what_this_box_serves(env: dict[str, Any], ns: str)
 
     entry = wait_for(listed, 10, what="Service in `lbappliance status`")
     assert entry["vips"] == [vip] and entry["ports"] == ["80/TCP"]
+    holders = [a.name for a in env["apps"] if (a.status() or {}).get("services") and any(
+        s["service"] == f"{ns}/shown" and s["owner"].get(vip) == "MASTER" for s in a.status()["services"])]
+    assert len(holders) == 1, f"exactly one box must report holding {vip}: {holders}"
     assert set(entry["backends"].values()) <= {"UP", "DOWN", "MAINT", "unknown"} and len(entry["backends"]) == 3
     table = subprocess.run([sys.executable, "-m", "lbappliance", "status", "--config", str(app1.config_path)],
                            capture_output=True, text=True, check=True).stdout

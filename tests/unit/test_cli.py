@@ -97,13 +97,16 @@ def test_render_offline_examples(tmp_path: Path) -> None:
                                       "--pools", str(EXAMPLES / "pools.yaml"), "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "default/web: 192.0.2.200" in result.output
-    assert "default/dns: InvalidConfiguration: port 53/UDP" in result.output
+    assert "default/dns: 192.0.2.210" in result.output  # TCP via HAProxy, UDP via nftables
     haproxy = (tmp_path / "haproxy.cfg").read_text()
     assert "bind 192.0.2.210:53" in haproxy and "node-3" not in haproxy
+    assert "backend be_default_dns_udp53_v4" in haproxy  # the UDP port's health checks
 
 
 def test_render_strict_fails_on_problems(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["render", "--strict", "--services", str(EXAMPLES / "services.yaml"),
+    services = tmp_path / "svc.yaml"
+    services.write_text((EXAMPLES / "services.yaml").read_text().replace("protocol: UDP", "protocol: SCTP"))
+    result = CliRunner().invoke(cli, ["render", "--strict", "--services", str(services),
                                       "--nodes", str(EXAMPLES / "nodes.yaml"), "--config", str(EXAMPLES / "config.yaml"),
                                       "--pools", str(EXAMPLES / "pools.yaml"), "--out", str(tmp_path)])
     assert result.exit_code == 2

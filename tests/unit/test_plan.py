@@ -17,16 +17,29 @@ def messages(state, key: str) -> list[str]:  # type: ignore[no-untyped-def]
     return [p.message for p in state.problems if p.service == key]
 
 
-def test_udp_and_sctp_ports_are_problems_but_tcp_ports_are_served() -> None:
+def test_udp_ports_become_forwards_sctp_is_a_problem_tcp_is_proxied() -> None:
     s = Service("default", "dns", creation="1", ports=(ServicePort("d", "UDP", 53, 30053),
                                                       ServicePort("t", "TCP", 53, 30054),
                                                       ServicePort("s", "SCTP", 9, 30009)))
     state = plan_for(s)
     assert [(f.port, f.protocol) for f in state.frontends] == [(53, "TCP")]
+    assert [(u.name, u.vip, u.port, u.backend.port, u.backend.check_port) for u in state.udp] == [
+        ("udp_default_dns_udp53_v4", "192.0.2.200", 53, 30053, 10256)]
+    assert [s.name for s in state.udp[0].backend.servers] == ["node-1", "node-2"]
     assert messages(state, "default/dns") == [
-        "port 53/UDP: HAProxy cannot proxy UDP; this port is not served",
-        "port 9/SCTP: HAProxy cannot proxy SCTP; this port is not served",
+        "port 9/SCTP: SCTP is not supported (HAProxy proxies TCP, nftables forwards UDP); this port is not served",
     ]
+
+
+def test_udp_only_service_is_served_and_its_vip_is_carried_by_vrrp() -> None:
+    s = Service("default", "echo", creation="1", ports=(ServicePort("e", "UDP", 7, 30007),),
+                external_traffic_policy="Local", health_check_node_port=32107)
+    state = plan_for(s)
+    assert state.frontends == () and state.served == {"default/echo": ("192.0.2.200",)}
+    assert state.vips == ("192.0.2.200",)
+    assert state.udp[0].backend.check_port == 32107
+    assert any("192.0.2.200" in v.vips for v in state.vrrp)
+    assert state.vip_instances["192.0.2.200"] in {v.name for v in state.vrrp}
 
 
 def test_no_node_ports_is_a_problem_not_a_crash() -> None:
@@ -64,12 +77,15 @@ def test_other_services_are_unaffected_by_a_broken_one() -> None:
                   annotations={ANN_PROXY: "v9"})
     state = plan_for(good, bad)
     assert list(state.served) == ["default/good"]
-    assert [(v.name, v.vips) for v in state.vrrp] == [("VI_v4", state.served["default/good"]), ("VI_v6", ())]
+    assert sorted(vip for v in state.vrrp for vip in v.vips) == list(state.served["default/good"])
+    assert [v.name for v in state.vrrp] == ["VI_v4", "VI_v4_1", "VI_v6", "VI_v6_1"]
 
 
 def test_vrrp_instances_exist_without_services_so_service_changes_never_add_or_remove_one() -> None:
     empty = plan_for()
-    assert [(v.name, v.router_id, v.vips) for v in empty.vrrp] == [("VI_v4", 51, ()), ("VI_v6", 52, ())]
+    assert [(v.name, v.router_id, v.vips, v.anchor) for v in empty.vrrp] == [
+        ("VI_v4", 51, (), "169.254.64.51"), ("VI_v4_1", 52, (), "169.254.64.52"),
+        ("VI_v6", 52, (), "fe80::64:52"), ("VI_v6_1", 53, (), "fe80::64:53")]
 
 
 def test_node_address_type_preference() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lbappliance.core.nft import render_nft
 from lbappliance.core.plan import Snapshot, desired_state
 from lbappliance.core.render import render
 
@@ -24,7 +25,7 @@ def rendered(shape: str, shuffle_seed: int | None = None) -> dict[str, str]:
         rng.shuffle(nodes)
     _, state = desired_state(Snapshot(tuple(services), tuple(nodes), pools(), config()))
     out = render(state, config())
-    return {"haproxy.cfg": out.haproxy, "keepalived.conf": out.keepalived}
+    return {"haproxy.cfg": out.haproxy, "keepalived.conf": out.keepalived, "nftables.nft": render_nft(state.udp)}
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -98,4 +99,5 @@ def test_advertised_addresses_do_not_depend_on_services() -> None:
     # keepalived drops adverts whose address count differs from its own; two boxes that have
     # not yet seen the same Service change must still agree on the advert.
     adverts = {tuple(_advertised(rendered(shape)["keepalived.conf"])) for shape in SHAPES}
-    assert adverts == {("169.254.64.51/32 dev eth0 scope link", "fe80::64:52/128 dev eth0")}
+    assert adverts == {("169.254.64.51/32 dev eth0 scope link", "169.254.64.52/32 dev eth0 scope link",
+                        "fe80::64:52/128 dev eth0", "fe80::64:53/128 dev eth0")}

@@ -1,0 +1,259 @@
+"""Beyond HAProxy, end to end: UDP Services through nftables, active-active VIP placement and
+dual-stack, with two real daemons (active-active VRRP) against a real dual-stack kube-apiserver.
+
+The module starts its own control plane: the session one has an IPv4-only Service range, and a
+RequireDualStack Service needs both families (2001:db8:ffff::/108 is internal to the apiserver,
+never routed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+SERVICE_CIDRS = "10.96.0.0/16,2001:db8:ffff::/108"
+ECHO_NODE_PORT, DNS_NODE_PORT, DUAL_NODE_PORT = 30107, 30153, 30180
+MANY_BASE, MANY = 30200, 20
+
+
+def _require_lab() -> None:
+    from lbappliance.testing.netlab import lab_unavailable_reason
+
+    reason = lab_unavailable_reason()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"network lab unavailable in CI: {reason}")
+        pytest.skip(f"network lab unavailable: {reason}")
+
+
+@pytest.fixture(scope="module")
+def dual_cp(control_plane_bin: Path) -> Iterator[Any]:
+    from lbappliance.testing.controlplane import ControlPlane
+
+    pytest.importorskip("cryptography")
+    # service_cidr stays single-stack for the PKI's SAN computation; the flag given last wins.
+    cp = ControlPlane(control_plane_bin, extra_apiserver_args=[f"--service-cluster-ip-range={SERVICE_CIDRS}"])
+    cp.start()
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture(scope="module")
+def env(dual_cp: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    _require_lab()
+    from kubernetes import client, config
+
+    from lbappliance.testing.appliances import make_active_active_pair, node_objects, wait_for
+    from lbappliance.testing.controlplane import apply_manifest
+    from lbappliance.testing.netlab import NetworkLab
+
+    api = config.new_client_from_config(config_file=str(dual_cp.admin_kubeconfig))
+    apply_manifest(api, REPO / "deploy" / "rbac.yaml", field_manager="lbappliance-e2e")
+    core = client.CoreV1Api(api)
+    workdir = tmp_path_factory.mktemp("beyond")
+    with NetworkLab(prefix="lbb", nodes=3, workdir=workdir / "lab") as lab:
+        for node in node_objects(lab):
+            core.create_node(node)
+        lab.serve_nodeports([DNS_NODE_PORT, DUAL_NODE_PORT, *range(MANY_BASE, MANY_BASE + MANY)])
+        lab.serve_health_ports()
+        lab.serve_udp([ECHO_NODE_PORT, DNS_NODE_PORT])
+        app1, app2 = make_active_active_pair(lab, workdir, dual_cp.appliance_kubeconfig)
+        app1.start()
+        app2.start()
+        try:
+            wait_for(lambda: app1.status() and app2.status(), 60, what="both daemons' first pass")
+            yield {"lab": lab, "core": core, "apps": {"app1": app1, "app2": app2}}
+        except TimeoutError:
+            pytest.fail(f"daemons did not start:\n{app1.log_tail()}\n{app2.log_tail()}")
+        finally:
+            app1.stop()
+            app2.stop()
+            api.close()
+
+
+@pytest.fixture
+def ns(env: dict[str, Any]) -> str:
+    name = f"beyond-{uuid.uuid4().hex[:6]}"
+    env["core"].create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    return name
+
+
+def _svc(name: str, ports: list[tuple[str, int, int]], families: list[str] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"type": "LoadBalancer", "selector": {"app": name},
+                            "ports": [{"name": f"{proto.lower()}{port}", "port": port, "targetPort": 8080,
+                                       "nodePort": node_port, "protocol": proto}
+                                      for proto, port, node_port in ports]}
+    if families:
+        spec |= {"ipFamilies": families, "ipFamilyPolicy": "RequireDualStack"}
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name}, "spec": spec}
+
+
+def _ingress(core: Any, ns: str, name: str, count: int = 1, timeout: float = 20) -> list[str]:
+    from lbappliance.testing.appliances import wait_for
+
+    def ips() -> list[str] | None:
+        svc = core.read_namespaced_service_status(name, ns)
+        found = [i.ip for i in (svc.status.load_balancer.ingress or [])]
+        return found if len(found) >= count else None
+
+    return wait_for(ips, timeout, what=f"{count} address(es) in status of {ns}/{name}")  # type: ignore[no-any-return]
+
+
+def _url(vip: str, port: int) -> str:
+    return f"http://[{vip}]:{port}/" if ":" in vip else f"http://{vip}:{port}/"
+
+
+def _answered(lab: Any, vip: str, port: int, timeout: float = 15) -> str:
+    from lbappliance.testing.appliances import wait_for
+
+    def ok() -> str | None:
+        status, body = lab.http_get("client", _url(vip, port), timeout=2)
+        return body.strip() if status == 200 else None
+
+    return wait_for(ok, timeout, interval=0.2, what=f"{vip}:{port} answering")  # type: ignore[no-any-return]
+
+
+def _udp_answered(lab: Any, vip: str, port: int, n: int = 20, timeout: float = 15) -> dict[str, int]:
+    from lbappliance.testing.appliances import wait_for
+
+    wait_for(lambda: "error" not in lab.udp_ask("client", vip, port, 1), timeout, interval=0.3,
+             what=f"{vip}:{port}/UDP answering")
+    return lab.udp_ask("client", vip, port, n)  # type: ignore[no-any-return]
+
+
+def test_udp_echo_and_dns_services_answer_through_their_vips(env: dict[str, Any], ns: str) -> None:
+    core, lab = env["core"], env["lab"]
+    core.create_namespaced_service(ns, _svc("echo", [("UDP", 7, ECHO_NODE_PORT)]))
+    core.create_namespaced_service(ns, _svc("dns", [("UDP", 53, DNS_NODE_PORT), ("TCP", 53, DNS_NODE_PORT)]))
+    echo_vip = _ingress(core, ns, "echo")[0]
+    dns_vip = _ingress(core, ns, "dns")[0]
+    nodes = {h.name for h in lab.nodes}
+    echo = _udp_answered(lab, echo_vip, 7)
+    dns = _udp_answered(lab, dns_vip, 53)
+    tcp = _answered(lab, dns_vip, 53)
+    print(f"\nUDP echo {echo_vip}:7 -> {echo}; DNS {dns_vip}:53/UDP -> {dns}; 53/TCP -> {tcp}")
+    assert set(echo) <= nodes and sum(echo.values()) == 20
+    assert set(dns) <= nodes and sum(dns.values()) == 20
+    assert tcp in nodes
+    # The UDP-only Service counts as served: its VIP is carried by VRRP on exactly one box.
+    assert sum(echo_vip in held for held in _owners(env, [echo_vip]).values()) == 1
+    svc = core.read_namespaced_service("echo", ns)
+    assert "service.kubernetes.io/load-balancer-cleanup" in (svc.metadata.finalizers or [])
+    for name in ("echo", "dns"):
+        core.delete_namespaced_service(name, ns)
+
+
+def test_dual_stack_service_gets_both_families_and_both_answer(env: dict[str, Any], ns: str) -> None:
+    core, lab = env["core"], env["lab"]
+    core.create_namespaced_service(ns, _svc("dual", [("TCP", 80, DUAL_NODE_PORT)], ["IPv4", "IPv6"]))
+    ips = _ingress(core, ns, "dual", count=2)
+    families = sorted(ipaddress.ip_address(ip).version for ip in ips)
+    assert families == [4, 6], ips
+    nodes = {h.name for h in lab.nodes}
+    answers = {ip: _answered(lab, ip, 80) for ip in ips}
+    print(f"\ndual-stack Service status {ips}; answers {answers}")
+    assert set(answers.values()) <= nodes
+
+    from lbappliance.testing.appliances import wait_for
+
+    def listed() -> bool:
+        return all(any(e["service"] == f"{ns}/dual" and sorted(e["vips"]) == sorted(ips)
+                       for e in (app.status() or {}).get("services", [])) for app in env["apps"].values())
+
+    wait_for(listed, 10, what="both VIPs in both appliances' status")
+    core.delete_namespaced_service("dual", ns)
+
+
+def _owners(env: dict[str, Any], vips: list[str]) -> dict[str, set[str]]:
+    from lbappliance.testing.appliances import held_addresses
+
+    return {name: held_addresses(env["lab"], name) & set(vips) for name in env["apps"]}
+
+
+MULTI_PROBE = r"""
+import json, socket, sys, time
+vips, duration = sys.argv[1].split(","), float(sys.argv[2])
+req = b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n"
+ok = {v: 0 for v in vips}
+fail = {v: 0 for v in vips}
+end = time.monotonic() + duration
+print("ready", flush=True)
+i = 0
+while time.monotonic() < end:
+    vip = vips[i % len(vips)]
+    i += 1
+    try:
+        with socket.create_connection((vip, 80), timeout=0.5) as s:
+            s.settimeout(1.0)
+            s.sendall(req)
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+        good = data.startswith(b"HTTP/1.1 200")
+    except OSError:
+        good = False
+    (ok if good else fail)[vip] += 1
+    time.sleep(0.005)
+print(json.dumps({"ok": ok, "fail": fail}), flush=True)
+"""
+
+
+def test_active_active_spreads_vips_and_losing_a_box_moves_only_its_share(env: dict[str, Any], ns: str) -> None:
+    from lbappliance.testing.appliances import wait_for
+
+    core, lab, apps = env["core"], env["lab"], env["apps"]
+    names = [f"aa{i:02d}" for i in range(MANY)]
+    for i, name in enumerate(names):
+        core.create_namespaced_service(ns, _svc(name, [("TCP", 80, MANY_BASE + i)]))
+    vips = sorted(_ingress(core, ns, name)[0] for name in names)
+    for vip in vips:
+        _answered(lab, vip, 80)
+
+    def spread() -> dict[str, set[str]] | None:
+        owners = _owners(env, vips)
+        return owners if all(owners.values()) and sum(len(v) for v in owners.values()) == MANY else None
+
+    owners = wait_for(spread, 20, what="VIPs spread over both boxes")
+    share = {name: len(held) for name, held in owners.items()}
+    vrrp = {name: (app.status() or {}).get("vrrp") for name, app in apps.items()}
+    print(f"\nactive-active share of {MANY} VIPs: {share}; status vrrp: {vrrp}")
+    assert vrrp["app1"]["VI_v4"] == "MASTER" and vrrp["app2"]["VI_v4_1"] == "MASTER", vrrp
+    probe = subprocess.Popen(["ip", "netns", "exec", lab.client.netns, sys.executable, "-I", "-S", "-c", MULTI_PROBE,
+                              ",".join(vips), "8"], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert probe.stdout is not None and probe.stdout.readline().strip() == "ready"
+    time.sleep(2)
+    apps["app2"].stop(signal.SIGTERM)  # the daemon stops keepalived (goodbye advert), then HAProxy
+    out, _ = probe.communicate(timeout=60)
+    result = json.loads(out.strip().splitlines()[-1])
+    kept = sum(result["fail"][v] for v in owners["app1"])
+    moved = sum(result["fail"][v] for v in owners["app2"])
+    print(f"app2 stopped: {sum(result['ok'].values())} ok; failed on app1's VIPs {kept}, on app2's VIPs {moved}")
+    try:
+        assert kept == 0, result
+        assert _owners(env, vips)["app1"] == set(vips)
+        for vip in sorted(owners["app2"]):
+            _answered(lab, vip, 80, timeout=5)
+    finally:
+        apps["app2"].start()
+    # app2 back: after its preempt delay it takes its share back.
+    wait_for(lambda: _owners(env, vips) == owners, 30, what="app2 taking its share back")
+    for name in names:
+        with contextlib.suppress(Exception):
+            core.delete_namespaced_service(name, ns)

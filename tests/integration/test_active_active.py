@@ -1,0 +1,165 @@
+"""Active-active VRRP: VIPs spread over two instances with mirrored priorities, so both boxes carry
+traffic; killing one moves only its share and the survivor's own VIPs never miss a request."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lbappliance.core.config import ApplianceConfig
+from lbappliance.core.models import DesiredState, Service, ServicePort, vip_owner_states
+from lbappliance.edges.apply import DataPlane
+from lbappliance.testing.netlab import NetworkLab
+from tests.integration.test_dataplane import dataplane, wait_for
+from tests.integration.test_udp import box_config, dual_nodes, lab_state
+
+pytestmark = pytest.mark.integration
+
+NODE_PORT = 30080
+SERVICES = 20
+ACTIVE_ACTIVE = {
+    "app1": "  homeInstances: [0]\n  backupPriority: 100\n  nopreempt: false\n  preemptDelay: 1",
+    "app2": "  homeInstances: [1]\n  backupPriority: 100\n  nopreempt: false\n  preemptDelay: 1",
+}
+
+
+def active_active_configs(workdir: Path) -> dict[str, ApplianceConfig]:
+    return {
+        "app1": box_config(workdir, "app1", priority=150, src="192.0.2.2", peer="192.0.2.3",
+                           src6="2001:db8:0:1::2", peer6="2001:db8:0:1::3", extra_vrrp=ACTIVE_ACTIVE["app1"]),
+        "app2": box_config(workdir, "app2", priority=150, src="192.0.2.3", peer="192.0.2.2",
+                           src6="2001:db8:0:1::3", peer6="2001:db8:0:1::2", extra_vrrp=ACTIVE_ACTIVE["app2"]),
+    }
+
+
+def many_services(n: int = SERVICES) -> list[Service]:
+    return [Service("default", f"web{i:02d}", creation=f"{i:02d}", ingress_ips=(f"192.0.2.{200 + i}",),
+                    ports=(ServicePort("http", "TCP", 80, NODE_PORT),)) for i in range(n)]
+
+
+def held_vips(lab: NetworkLab, box: str) -> set[str]:
+    """Service VIPs configured on the box's interface right now (what the client's ARP reaches)."""
+    out = lab.exec(box, ["ip", "-o", "addr", "show", "dev", "eth0"]).stdout
+    found = set()
+    for line in out.splitlines():
+        address = line.split()[3].split("/")[0]
+        if address.startswith("192.0.2.2") and len(address) > len("192.0.2.2") + 1:
+            found.add(address)
+    return found
+
+
+MULTI_PROBE = r"""
+import json, socket, sys, time
+vips, port, duration, interval = sys.argv[1].split(","), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+req = b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n"
+ok = {v: 0 for v in vips}
+fail = {v: 0 for v in vips}
+end = time.monotonic() + duration
+print("ready", flush=True)
+i = 0
+while time.monotonic() < end:
+    vip = vips[i % len(vips)]
+    i += 1
+    t = time.monotonic()
+    try:
+        with socket.create_connection((vip, port), timeout=0.5) as s:
+            s.settimeout(1.0)
+            s.sendall(req)
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+        good = data.startswith(b"HTTP/1.1 200")
+    except OSError:
+        good = False
+    (ok if good else fail)[vip] += 1
+    time.sleep(max(0.0, interval - (time.monotonic() - t)))
+print(json.dumps({"ok": ok, "fail": fail}), flush=True)
+"""
+
+
+def start_multi_probe(lab: NetworkLab, vips: list[str], seconds: float, interval: float = 0.005
+                      ) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(["ip", "netns", "exec", lab.client.netns, "python3", "-I", "-S", "-c", MULTI_PROBE,
+                             ",".join(vips), str(NODE_PORT and 80), str(seconds), str(interval)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+@pytest.fixture
+def pair(lab: NetworkLab, tmp_path: Path) -> Iterator[tuple[dict[str, DataPlane], dict[str, DesiredState]]]:
+    lab.serve_nodeports([NODE_PORT])
+    lab.serve_health_ports()
+    configs = active_active_configs(tmp_path)
+    planes = {box: dataplane(lab, config, box) for box, config in configs.items()}
+    states = {box: lab_state(configs[box], many_services(), dual_nodes(lab)) for box in configs}
+    try:
+        for box, dp in planes.items():
+            dp.start()
+            assert dp.apply(states[box]).kind == "reload"
+        yield planes, states
+    finally:
+        for dp in planes.values():
+            dp.stop()
+
+
+def test_both_boxes_carry_vips_and_losing_one_moves_only_its_share(
+        lab: NetworkLab, pair: tuple[dict[str, DataPlane], dict[str, DesiredState]]) -> None:
+    planes, states = pair
+    state = states["app1"]
+    assert state.vip_instances == states["app2"].vip_instances  # both boxes place VIPs alike
+    by_instance: dict[str, list[str]] = {}
+    for vip, instance in state.vip_instances.items():
+        by_instance.setdefault(instance, []).append(vip)
+    expected = {"app1": set(by_instance.get("VI_v4", [])), "app2": set(by_instance.get("VI_v4_1", []))}
+    assert expected["app1"] and expected["app2"], by_instance
+
+    mirrored = {"app1": {"VI_v4": "MASTER", "VI_v4_1": "BACKUP", "VI_v6": "MASTER", "VI_v6_1": "BACKUP"},
+                "app2": {"VI_v4": "BACKUP", "VI_v4_1": "MASTER", "VI_v6": "BACKUP", "VI_v6_1": "MASTER"}}
+
+    def settled() -> bool:
+        return (all(planes[box].vrrp_states() == mirrored[box] for box in planes)
+                and held_vips(lab, "app1") == expected["app1"] and held_vips(lab, "app2") == expected["app2"])
+
+    assert wait_for(settled, 15), (held_vips(lab, "app1"), held_vips(lab, "app2"), planes["app1"].vrrp_states())
+    owners = {box: vip_owner_states(state, planes[box].vrrp_states()) for box in planes}
+    share = {box: sum(1 for s in owners[box].values() if s == "MASTER") for box in planes}
+    print(f"\nactive-active share of {SERVICES} VIPs: {share}; vrrp app1 {planes['app1'].vrrp_states()}, "
+          f"app2 {planes['app2'].vrrp_states()}")
+    assert share == {"app1": len(expected["app1"]), "app2": len(expected["app2"])}
+    all_vips = sorted(state.vip_instances)
+    assert wait_for(lambda: all(lab.http_get("client", f"http://{v}/", timeout=1)[0] == 200 for v in all_vips), 10)
+
+    probe = start_multi_probe(lab, all_vips, seconds=6)
+    time.sleep(1.5)
+    planes["app2"].keepalived.kill()  # app2 fails hard: no goodbye advert
+    planes["app2"].haproxy.stop(sig=9, timeout=5)
+    out, _ = probe.communicate(timeout=60)
+    result = json.loads(out.strip().splitlines()[-1])
+    survivors = sum(result["fail"][v] for v in expected["app1"])
+    moved = sum(result["fail"][v] for v in expected["app2"])
+    ok = sum(result["ok"].values())
+    print(f"killing app2: {ok} ok; failed on app1's VIPs {survivors}, on app2's (moved) VIPs {moved}")
+    assert survivors == 0, result
+    assert min(result["ok"][v] for v in expected["app1"]) > 10, result
+    assert held_vips(lab, "app1") == set(all_vips)
+    assert set(planes["app1"].vrrp_states().values()) == {"MASTER"}
+    assert all(lab.http_get("client", f"http://{v}/", timeout=1)[0] == 200 for v in sorted(expected["app2"]))
+
+
+def test_pinned_vip_goes_to_its_instance(lab: NetworkLab, tmp_path: Path) -> None:
+    configs = active_active_configs(tmp_path)
+    services = many_services(4)
+    pinned = [Service(s.namespace, s.name, creation=s.creation, ingress_ips=s.ingress_ips, ports=s.ports,
+                      annotations={"lbappliance.io/vrrp-instance": "1"}) for s in services]
+    state = lab_state(configs["app1"], pinned, dual_nodes(lab))
+    assert set(state.vip_instances.values()) == {"VI_v4_1"}
+    bad = [Service("default", "bad", creation="1", ingress_ips=("192.0.2.230",), ports=services[0].ports,
+                   annotations={"lbappliance.io/vrrp-instance": "2"})]
+    refused = lab_state(configs["app1"], bad, dual_nodes(lab))
+    assert refused.served == {} and "is not an instance index 0..1" in refused.problems[0].message
