@@ -7,6 +7,7 @@ a new connection every few milliseconds (connect timeout 50 ms); it is printed f
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -162,29 +163,47 @@ def _report(case: str, probe: Probe, target: float) -> None:
           f"- {verdict} target {target}s")
 
 
-def test_graceful_stop_moves_vip(pair: Pair) -> None:
-    active = pair.master()
-    probe = measure(pair.lab, pair.planes[active].stop)
-    _report("planned failover (keepalived SIGTERM)", probe, PLANNED_TARGET)
-    assert pair.state(pair.other(active)) == "MASTER"
-    assert probe.max_gap <= PLANNED_TARGET
+RUNS = 3  # outages are judged by their median, as the bench does: one sample is at the scheduler's mercy
 
 
-def test_hard_failure_moves_vip(pair: Pair) -> None:
-    active = pair.master()
-    probe = measure(pair.lab, lambda: pair.hard_kill(active))
-    _report("hard failure (SIGKILL keepalived + haproxy)", probe, HARD_TARGET)
-    assert pair.state(pair.other(active)) == "MASTER"
-    assert probe.max_gap <= HARD_TARGET
+def outages(served: NetworkLab, tmp_path: Path, case: str, target: float,
+            action: Callable[[Pair, str], None]) -> list[float]:
+    """Fresh pair per run: fail the active box with `action`, measure, check the peer took over."""
+    gaps = []
+    for run in range(RUNS):
+        pair = start_pair(served, tmp_path / f"run{run}")
+        try:
+            active = pair.master()
+            probe = measure(pair.lab, lambda pair=pair, active=active: action(pair, active))
+            _report(f"{case} run {run + 1}", probe, target)
+            assert pair.state(pair.other(active)) == "MASTER"
+            gaps.append(probe.max_gap)
+        finally:
+            for box in ("app1", "app2"):
+                served.link_up(box)
+            for dp in pair.planes.values():
+                dp.stop()
+    print(f"{case}: median {statistics.median(gaps):.3f}s of {[round(g, 3) for g in gaps]}")
+    return gaps
+
+
+def test_graceful_stop_moves_vip(served: NetworkLab, tmp_path: Path) -> None:
+    gaps = outages(served, tmp_path, "planned failover (keepalived SIGTERM)", PLANNED_TARGET,
+                   lambda pair, box: pair.planes[box].stop())
+    assert statistics.median(gaps) <= PLANNED_TARGET
+
+
+def test_hard_failure_moves_vip(served: NetworkLab, tmp_path: Path) -> None:
+    gaps = outages(served, tmp_path, "hard failure (SIGKILL keepalived + haproxy)", HARD_TARGET,
+                   lambda pair, box: pair.hard_kill(box))
+    assert statistics.median(gaps) <= HARD_TARGET
 
 
 @pytest.mark.parametrize("silent", [False, True], ids=["carrier-loss", "silent-cut"])
-def test_link_down_moves_vip(pair: Pair, silent: bool) -> None:
-    active = pair.master()
-    probe = measure(pair.lab, lambda: pair.lab.link_down(active, silent=silent))
-    _report(f"link down ({'silent' if silent else 'carrier loss'})", probe, HARD_TARGET)
-    assert pair.state(pair.other(active)) == "MASTER"
-    assert probe.max_gap <= HARD_TARGET
+def test_link_down_moves_vip(served: NetworkLab, tmp_path: Path, silent: bool) -> None:
+    gaps = outages(served, tmp_path, f"link down ({'silent' if silent else 'carrier loss'})", HARD_TARGET,
+                   lambda pair, box: pair.lab.link_down(box, silent=silent))
+    assert statistics.median(gaps) <= HARD_TARGET
 
 
 def test_haproxy_death_gives_up_vip(pair: Pair) -> None:
