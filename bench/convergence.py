@@ -92,7 +92,7 @@ def one_by_one(core: Any, lab: Any, ns: str, count: int) -> tuple[list[float], l
     return to_status, to_serving
 
 
-def burst(core: Any, ns: str, count: int) -> float:
+def burst(core: Any, ns: str, count: int) -> tuple[float, float]:
     t0 = time.time()
 
     def create(i: int) -> None:
@@ -107,9 +107,9 @@ def burst(core: Any, ns: str, count: int) -> float:
         items = core.list_namespaced_service(ns).items
         return sum(1 for s in items if s.status.load_balancer.ingress) >= count
 
-    wait_for(all_have, 120, interval=0.25, what="all burst Services addressed")
-    print(f"  (creating {count} Services took {created:.1f}s of that)", file=sys.stderr)
-    return time.time() - t0
+    wait_for(all_have, 300, interval=0.25, what="all burst Services addressed")
+    total = time.time() - t0
+    return total, total - created
 
 
 def main() -> None:
@@ -144,7 +144,7 @@ def main() -> None:
             req0 = sum(a.metric("lbappliance_api_requests") or 0 for a in (app1, app2))
             to_status, to_serving = one_by_one(core, lab, "one", args.one_by_one)
             req1 = sum(a.metric("lbappliance_api_requests") or 0 for a in (app1, app2))
-            burst_s = burst(core, "burst", args.burst)
+            burst_s, after_created = burst(core, "burst", args.burst)
             req2 = sum(a.metric("lbappliance_api_requests") or 0 for a in (app1, app2))
         finally:
             app1.stop()
@@ -155,6 +155,7 @@ def main() -> None:
         ("create -> VIP answering from client, p50", statistics.median(to_serving), None),
         ("create -> VIP answering from client, p99", pct(to_serving, 0.99), 2.0),
         (f"{args.burst} Services at once -> all addressed (s)", burst_s, 15.0),
+        ("  of which after the API server accepted the last one (s)", after_created, None),
         ("API requests per Service, one by one (both daemons)", (req1 - req0) / max(1, args.one_by_one), None),
         ("API requests per Service, burst (both daemons)", (req2 - req1) / max(1, args.burst), None),
     ]
