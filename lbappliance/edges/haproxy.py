@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files import read_text
+from .processes import spawn_logged, wait_ready
 
 
 class HaproxyError(RuntimeError):
@@ -134,21 +135,11 @@ class HAProxy:
             raise HaproxyError(f"haproxy already running as pid {self.master_pid()}")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.pidfile)
-        log = open(self.log_path or os.devnull, "ab")  # noqa: SIM115 - handed to the child
-        try:
-            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise HaproxyError(f"haproxy exited with {self.proc.returncode} at start; see {self.log_path}")
-            with contextlib.suppress(HaproxyError):
-                if self.show_proc().workers and self.runtime("show info"):
-                    return
-            time.sleep(0.05)
-        raise HaproxyError(f"haproxy did not come up within {timeout}s; see {self.log_path}")
+        self.proc = spawn_logged(self.argv(), self.log_path)
+        problem = wait_ready(self.proc, lambda: bool(self.show_proc().workers and self.runtime("show info")),
+                             timeout, (HaproxyError,))
+        if problem is not None:
+            raise HaproxyError(f"haproxy {problem}; see {self.log_path}")
 
     def master_pid(self) -> int | None:
         try:

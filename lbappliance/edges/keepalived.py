@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files import read_text
+from .processes import spawn_logged, wait_ready
 
 
 class KeepalivedError(RuntimeError):
@@ -57,20 +58,11 @@ class Keepalived:
         for path in (self.pidfile, self.vrrp_pidfile, self.checkers_pidfile):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        log = open(self.log_path or os.devnull, "ab")  # noqa: SIM115 - handed to the child
-        try:
-            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise KeepalivedError(f"keepalived exited with {self.proc.returncode}; see {self.log_path}")
-            if _read_pid(self.pidfile) and _read_pid(self.vrrp_pidfile):
-                return
-            time.sleep(0.05)
-        raise KeepalivedError(f"keepalived did not write its pid files within {timeout}s")
+        self.proc = spawn_logged(self.argv(), self.log_path)
+        problem = wait_ready(self.proc, lambda: bool(_read_pid(self.pidfile) and _read_pid(self.vrrp_pidfile)),
+                             timeout)
+        if problem is not None:
+            raise KeepalivedError(f"keepalived {problem} (no pid files); see {self.log_path}")
 
     def main_pid(self) -> int | None:
         return _read_pid(self.pidfile)
