@@ -394,11 +394,15 @@ def test_systemd_notify_ready_watchdog_reloading_stopping(env: dict[str, Any], t
     proc = subprocess.Popen([sys.executable, "-m", "lbappliance", "run", "--config", str(path), "--identity", "probe",
                              "--netns", lab.hosts["client"].netns],
                             env={**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "2000000"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=(tmp_path / "probe.log").open("wb"), stderr=subprocess.STDOUT)
     seen: list[str] = []
 
-    def expect(message: str) -> None:
+    def expect(message: str, within: float = 60) -> None:
+        deadline = time.monotonic() + within
         while message not in seen:
+            assert time.monotonic() < deadline, (
+                f"no {message} within {within}s (got {sorted(set(seen))}):\n"
+                + (tmp_path / "probe.log").read_text(errors="replace")[-3000:])
             seen.append(sock.recv(4096).decode())
 
     try:
