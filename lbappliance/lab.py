@@ -102,13 +102,14 @@ def _request(netns: str, url: str, timeout: float = 2.0) -> tuple[int, str]:
     return int(status or 0), body
 
 
-def _vip_holder(apps: list[Appliance], vip: str) -> str:
+def _vip_holder(apps: list[Appliance], vip: str, exclude: str | None = None) -> str:
+    """The appliance whose status says it is VRRP master for the instance carrying `vip`."""
     for app in apps:
-        status = app.status() or {}
-        masters = [i for i, s in (status.get("vrrp") or {}).items() if s == "MASTER"]
-        family = "v6" if ":" in vip else "v4"
-        if any(m.endswith(family) for m in masters):
-            return app.name
+        if app.name == exclude:
+            continue
+        for service in (app.status() or {}).get("services", []):
+            if service.get("owner", {}).get(vip) == "MASTER":
+                return app.name
     return "-"
 
 
@@ -244,7 +245,10 @@ def failover(echo: Echo, duration: float = 6.0) -> dict[str, Any]:
     out, _ = prober.communicate(timeout=duration + 30)
     result = json.loads(out.strip().splitlines()[-1])
     result["from"] = active
-    result["to"] = _vip_holder(apps, vip)
+    try:  # the stopped box's status file is stale: ask the others, once they have noticed
+        result["to"] = wait_for(lambda: _vip_holder(apps, vip, exclude=active).strip("-"), 10, interval=0.2)
+    except TimeoutError:
+        result["to"] = "-"
     echo(f"{vip} moved {active} -> {result['to']}; outage {result['longest_gap_s']:.3f}s; "
          f"{result['ok']} ok / {result['failed']} failed requests; answered by {result['answered_by']}")
     app = next(a for a in apps if a.name == active)
