@@ -1,0 +1,20 @@
+#!/bin/sh
+# Debian's haproxy and keepalived, and python3-venv for the daemon's own venv.
+set -eux
+
+# The daemon owns /etc/haproxy/haproxy.cfg and /etc/keepalived/keepalived.conf: keep them
+# (never prompt, never replace) when haproxy or keepalived are upgraded.
+cat > /etc/apt/apt.conf.d/90lbappliance <<'CONF'
+Dpkg::Options { "--force-confdef"; "--force-confold"; };
+CONF
+
+if [ -n "${DEBIAN_MIRROR:-}" ] && [ "$DEBIAN_MIRROR" != "http://deb.debian.org/debian" ]; then
+    sed -i "s|http://deb.debian.org/debian |$DEBIAN_MIRROR |" /etc/apt/sources.list
+fi
+# cloud-init's default locale (en_US.UTF-8) is not generated in a minimal image; C.UTF-8 is.
+# (build-base.sh sets this too; repeated here for other Debian 12 cloud base images.)
+printf 'locale: C.UTF-8\n' > /etc/cloud/cloud.cfg.d/91-lbappliance-locale.cfg
+apt-get update
+apt-get install -y --no-install-recommends haproxy keepalived python3-venv
+haproxy -v | head -1
+keepalived --version 2>&1 | head -1
