@@ -40,6 +40,7 @@ from .edges import systemd
 from .edges.apply import DataPlane
 from .edges.cluster import Cluster, LeaderElector, api_client_from_kubeconfig
 from .edges.files import atomic_write, read_text
+from .edges.haproxy import HaproxyError
 from .edges.metrics import Metrics
 
 log = logging.getLogger("lbappliance.daemon")
@@ -395,7 +396,7 @@ class Daemon:
         vrrp = self.dataplane.vrrp_states()
         self.metrics.record_vrrp(vrrp)
         self.metrics.api_requests.set(self.cluster.requests)
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, HaproxyError):  # HAProxy may be down; metrics must not fail a pass
             self.metrics.old_workers.set(len(self.dataplane.old_workers()))
         write_status(Path(self.config.paths.state_dir) / "status.json",
                      status_document(state, leader, vrrp, self.identity, self.dataplane))
@@ -416,7 +417,7 @@ def status_document(state: DesiredState, leader: bool, vrrp: dict[str, str], ide
                     dataplane: DataPlane) -> dict[str, Any]:
     try:
         health = dataplane.server_health()
-    except OSError:
+    except (OSError, HaproxyError):
         health = {}
     owners = vip_owner_states(state, vrrp)
     services: dict[str, dict[str, Any]] = {}

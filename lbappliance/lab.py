@@ -190,8 +190,12 @@ def _service_rows(core: Any, manifests: list[dict[str, Any]], apps: list[Applian
         for port in doc["spec"]["ports"]:
             url = f"http://{ips[0]}:{port['port']}/"
             answer = wait_for(lambda url=url: _ok(client_netns, url), 15, interval=0.3, what=url) if ips else ""
+            try:  # status.json is rewritten each pass; give the boxes a moment to report VRRP
+                holder = wait_for(lambda vip=ips[0]: _vip_holder(apps, vip).strip("-"), 10, interval=0.2)
+            except TimeoutError:
+                holder = "-"
             rows.append({"service": f"default/{name}", "vip": ips[0], "ports": f"{port['port']}/TCP",
-                         "holder": _vip_holder(apps, ips[0]), "answer": f"200 from {answer}"})
+                         "holder": holder, "answer": f"200 from {answer}"})
     return rows
 
 

@@ -378,8 +378,12 @@ def test_systemd_notify_ready_watchdog_reloading_stopping(env: dict[str, Any], t
 
     lab = env["lab"]
     app1, _ = env["apps"]
+    # No pools: Services without a class (every appliance handles those) get nothing from this
+    # probe, and the Role denies it the pair's Lease, so it never writes and never serves.
+    pools = tmp_path / "pools.yaml"
+    pools.write_text("apiVersion: lbappliance.io/v1alpha1\nkind: AddressPoolList\npools: []\n")
     config = appliance_config(lab, "client", "app1", tmp_path / "state", env["cp"].appliance_kubeconfig,
-                              Path(app1.config["paths"]["pools"]), priority=10)
+                              pools, priority=10)
     config["vrrp"]["routerIds"] = {"ipv4": 61, "ipv6": 62}
     config["vrrp"]["unicastPeers"], config["vrrp"]["unicastPeers6"] = ["192.0.2.99"], []
     config["vrrp"]["unicastSrcIp6"] = None
