@@ -377,9 +377,8 @@ def test_systemd_notify_ready_watchdog_reloading_stopping(env: dict[str, Any], t
     from lbappliance.testing.appliances import appliance_config
 
     lab = env["lab"]
-    app1, _ = env["apps"]
     # No pools: Services without a class (every appliance handles those) get nothing from this
-    # probe, and the Role denies it the pair's Lease, so it never writes and never serves.
+    # probe, so it serves nothing and publishes nothing.
     pools = tmp_path / "pools.yaml"
     pools.write_text("apiVersion: lbappliance.io/v1alpha1\nkind: AddressPoolList\npools: []\n")
     config = appliance_config(lab, "client", "app1", tmp_path / "state", env["cp"].appliance_kubeconfig,

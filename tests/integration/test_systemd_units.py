@@ -267,12 +267,15 @@ def _haproxy_as_unprivileged_user(tmp_path: Path, setpriv: str) -> None:
         f"print(q('{state_dir}/haproxy.sock', 'show info'))\n"
     )
     try:
-        deadline = time.monotonic() + 10
-        while not (state_dir / "haproxy.sock").exists() and time.monotonic() < deadline:
+        # The sockets appear before the first worker answers: retry the probe until then.
+        deadline = time.monotonic() + 20
+        while True:
             assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            time.sleep(0.05)
-        result = subprocess.run([*as_user, "/usr/bin/python3", "-c", probe], capture_output=True, text=True,
-                                timeout=30)
+            result = subprocess.run([*as_user, "/usr/bin/python3", "-c", probe], capture_output=True, text=True,
+                                    timeout=30)
+            if (result.returncode == 0 and "worker" in result.stdout) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert result.returncode == 0, result.stderr
         assert "master" in result.stdout and "worker" in result.stdout and "Name: HAProxy" in result.stdout
         for name in ("haproxy-master.sock", "haproxy.sock", "haproxy.pid"):
