@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files import read_text
-from .processes import spawn_logged, wait_ready
+from .processes import spawn_logged, stop_child, wait_ready
 
 
 class HaproxyError(RuntimeError):
@@ -159,22 +159,15 @@ class HAProxy:
 
     def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
         """Stop the master (it stops its workers); SIGKILL the group if it lingers."""
-        pid = self.proc.pid if self.proc is not None else self.master_pid()
+        if self.proc is not None:
+            stop_child(self.proc, sig, timeout)
+            return
+        pid = self.master_pid()
         if pid is None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)  # workers that outlived the master
-        else:
-            _wait_gone(pid, timeout)
+        _wait_gone(pid, timeout)
 
     # ---- master CLI
 

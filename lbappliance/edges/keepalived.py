@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files import read_text
-from .processes import spawn_logged, wait_ready
+from .processes import spawn_logged, stop_child, wait_ready
 
 
 class KeepalivedError(RuntimeError):
@@ -83,24 +83,17 @@ class Keepalived:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM: keepalived sends priority-0 adverts so the peer takes over at once (planned failover)."""
-        pid = self.proc.pid if self.proc is not None else self.main_pid()
+        if self.proc is not None:
+            stop_child(self.proc, signal.SIGTERM, timeout)
+            return
+        pid = self.main_pid()
         if pid is None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        else:
-            deadline = time.monotonic() + timeout
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def kill(self) -> None:
         """SIGKILL parent and VRRP child together: a hard failure, no goodbye advert."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -31,3 +32,17 @@ def wait_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout
                 return None
         time.sleep(0.05)
     return f"not ready within {timeout}s"
+
+
+def stop_child(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> None:
+    """Signal a child we started; SIGKILL its whole group if it lingers or leaves helpers behind."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # workers or VRRP children that outlived the parent
