@@ -12,8 +12,9 @@ if [ -n "${DEBIAN_MIRROR:-}" ] && [ "$DEBIAN_MIRROR" != "http://deb.debian.org/d
     sed -i "s|http://deb.debian.org/debian |$DEBIAN_MIRROR |" /etc/apt/sources.list
 fi
 # cloud-init's default locale (en_US.UTF-8) is not generated in a minimal image; C.UTF-8 is.
-# (build-base.sh sets this too; repeated here for other Debian 12 cloud base images.)
-printf 'locale: C.UTF-8\n' > /etc/cloud/cloud.cfg.d/91-lbappliance-locale.cfg
+# The instance hostname must resolve (sudo looks it up). build-base.sh sets both too;
+# repeated here for other Debian 12 cloud base images.
+printf 'locale: C.UTF-8\nmanage_etc_hosts: true\n' > /etc/cloud/cloud.cfg.d/91-lbappliance.cfg
 apt-get update
 apt-get install -y --no-install-recommends haproxy keepalived python3-venv
 haproxy -v | head -1

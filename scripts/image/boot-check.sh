@@ -129,7 +129,7 @@ qemu-system-x86_64 -accel "$ACCELERATOR" -machine pc -smp 2 -m 1536 \
     -display none -serial "file:$WORK/serial.log" -monitor none \
     -daemonize -pidfile "$WORK/qemu.pid"
 
-deadline=$((t0 + (ACCELERATOR == "kvm" ? 300 : 1200)))
+if [ "$ACCELERATOR" = kvm ]; then deadline=$((t0 + 300)); else deadline=$((t0 + 1200)); fi
 until "${SSH[@]}" true 2>/dev/null; do
     if [ "$(date +%s)" -gt "$deadline" ]; then
         echo "boot-check: no SSH within $((deadline - t0))s; serial console tail:" >&2

@@ -94,6 +94,8 @@ datasource_list: [NoCloud, ConfigDrive, OpenStack, VMware, None]
 # No locales package in the image: C.UTF-8 is built into glibc (cloud-init's default,
 # en_US.UTF-8, would fail in update-locale).
 locale: C.UTF-8
+# The instance's hostname resolves (sudo looks it up) once cloud-init has set it.
+manage_etc_hosts: true
 EOF
 cat > "$MNT/etc/default/grub" <<'EOF'
 GRUB_DEFAULT=0
