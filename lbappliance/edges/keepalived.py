@@ -138,4 +138,6 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:  # a root keepalived seen from the unprivileged daemon: it exists
+        return True
     return True

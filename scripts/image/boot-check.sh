@@ -144,6 +144,7 @@ t_boot=$(date +%s)
 echo "==> SSH after $((t_ssh - t0))s; boot finished (is-system-running: $state) after $((t_boot - t0))s"
 
 # ---- the checks, inside the guest
+set +e
 "${SSH[@]}" "sudo WAIT_DAEMON=$WAIT_DAEMON bash -s" <<'CHECK' | tee "$WORK/checks.txt"
 set -u
 fail=0
@@ -206,6 +207,7 @@ echo "--- failed units: $(systemctl list-units --failed --no-legend --plain | aw
 exit $fail
 CHECK
 rc=${PIPESTATUS[0]}
+set -e
 t_end=$(date +%s)
 {
     echo "accelerator=$ACCELERATOR"
