@@ -100,3 +100,15 @@ def namespace(admin_api: Any) -> str:
     name = f"e2e-{uuid.uuid4().hex[:8]}"
     client.CoreV1Api(admin_api).create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     return name
+
+
+@pytest.fixture(scope="session")
+def lab_available() -> None:
+    """Network namespaces need root: skip locally without them, fail in CI."""
+    from lbappliance.testing.netlab import lab_unavailable_reason
+
+    reason = lab_unavailable_reason()
+    if reason:
+        if _in_ci():
+            pytest.fail(f"network lab unavailable in CI: {reason}", pytrace=False)
+        pytest.skip(f"network lab unavailable: {reason}")

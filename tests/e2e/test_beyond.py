@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -31,16 +30,6 @@ ECHO_NODE_PORT, DNS_NODE_PORT, DUAL_NODE_PORT = 30107, 30153, 30180
 MANY_BASE, MANY = 30200, 20
 
 
-def _require_lab() -> None:
-    from lbappliance.testing.netlab import lab_unavailable_reason
-
-    reason = lab_unavailable_reason()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"network lab unavailable in CI: {reason}")
-        pytest.skip(f"network lab unavailable: {reason}")
-
-
 @pytest.fixture(scope="module")
 def dual_cp(control_plane_bin: Path) -> Iterator[Any]:
     from lbappliance.testing.controlplane import ControlPlane
@@ -56,8 +45,8 @@ def dual_cp(control_plane_bin: Path) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def env(dual_cp: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    _require_lab()
+def env(dual_cp: Any, lab_available: None, tmp_path_factory: pytest.TempPathFactory
+        ) -> Iterator[dict[str, Any]]:
     from kubernetes import client, config
 
     from lbappliance.testing.appliances import make_active_active_pair, node_objects, wait_for

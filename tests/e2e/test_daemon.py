@@ -26,21 +26,10 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _require_lab() -> None:
-    from lbappliance.testing.netlab import lab_unavailable_reason
-
-    reason = lab_unavailable_reason()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"network lab unavailable in CI: {reason}")
-        pytest.skip(f"network lab unavailable: {reason}")
-
-
 @pytest.fixture(scope="module")
-def env(control_plane: Any, admin_api: Any, apply_rbac: Any, tmp_path_factory: pytest.TempPathFactory
-        ) -> Iterator[dict[str, Any]]:
+def env(control_plane: Any, admin_api: Any, apply_rbac: Any, lab_available: None,
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Lab + Nodes + RBAC + two running daemons, shared by the tests of this module."""
-    _require_lab()
     from kubernetes import client
 
     from lbappliance.testing.appliances import example_manifests, make_pair, node_objects, node_ports, wait_for

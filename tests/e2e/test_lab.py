@@ -18,14 +18,7 @@ def _lab(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.Co
                           env=env, timeout=timeout, check=False)
 
 
-def test_lab_up_failover_down_leaves_nothing(control_plane_bin: Path, tmp_path: Path) -> None:
-    from lbappliance.testing.netlab import lab_unavailable_reason
-
-    reason = lab_unavailable_reason()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+def test_lab_up_failover_down_leaves_nothing(control_plane_bin: Path, lab_available: None, tmp_path: Path) -> None:
     workdir = tmp_path / "lab"
     env = {**os.environ, "LBAPPLIANCE_LAB_DIR": str(workdir), "LBAPPLIANCE_CONTROLPLANE_BIN": str(control_plane_bin)}
     try:
