@@ -12,6 +12,7 @@ kubeconfigs, logs); it is also kept when any test in the session failed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -92,14 +93,29 @@ def apply_rbac(admin_api: Any) -> Callable[[], list[dict[str, Any]]]:
 
 
 @pytest.fixture
-def namespace(admin_api: Any) -> str:
-    """A fresh namespace per test (never finishes terminating without a controller-manager,
-    so it is simply left behind; the whole control plane is thrown away after the session)."""
+def namespace(admin_api: Any) -> Iterator[str]:
+    """A fresh namespace per test. The namespace itself is left behind (it never finishes
+    terminating without a controller-manager), but its Services are deleted so the nodePorts
+    they were given at random are free again for the tests that ask for fixed ones."""
     from kubernetes import client
 
+    core = client.CoreV1Api(admin_api)
     name = f"e2e-{uuid.uuid4().hex[:8]}"
-    client.CoreV1Api(admin_api).create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-    return name
+    core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    yield name
+    delete_services(core, name)
+
+
+def delete_services(core: Any, namespace: str) -> None:
+    """Delete every Service in `namespace`, dropping finalizers no controller is left to remove."""
+    from kubernetes.client.exceptions import ApiException
+
+    for svc in core.list_namespaced_service(namespace).items:
+        with contextlib.suppress(ApiException):
+            if svc.metadata.finalizers:
+                core.patch_namespaced_service(svc.metadata.name, namespace, {"metadata": {"finalizers": None}},
+                                              _content_type="application/merge-patch+json")
+            core.delete_namespaced_service(svc.metadata.name, namespace)
 
 
 @pytest.fixture(scope="session")
