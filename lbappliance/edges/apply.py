@@ -31,6 +31,8 @@ from .nft import Nftables, NftError
 from .validate import Verdict, check_haproxy, check_keepalived
 
 log = logging.getLogger(__name__)
+# External mode: how often to ask systemd again for a keepalived that is still not running.
+KEEPALIVED_START_RETRY_SECONDS = 30.0
 
 ApplyKind = Literal["noop", "runtime", "reload", "rejected", "failed"]
 
@@ -61,6 +63,7 @@ class DataPlane:
     _udp: tuple[UdpForward, ...] = field(default=(), repr=False)
     _udp_health: Health | None = field(default=None, repr=False)
     _nft_text: str | None = field(default=None, repr=False)
+    _keepalived_asked_at: float = field(default=float("-inf"), repr=False)
 
     def __post_init__(self) -> None:
         paths = self.config.paths
@@ -287,6 +290,8 @@ class DataPlane:
         live = self.config.paths.keepalived_config
         if file_new:
             self._swap(live)
+        if not self.managed:
+            return self._request_external_keepalived(file_new)
         if not self.keepalived.running():
             if self.managed and Path(live).exists():
                 self.keepalived.start()
@@ -296,6 +301,19 @@ class DataPlane:
             self.keepalived.reload()
             return True
         return False
+
+    def _request_external_keepalived(self, file_new: bool) -> bool:
+        """systemd runs keepalived as root; the unprivileged daemon cannot signal it, so it asks
+        through the path unit: on every new file, and (rate-limited) while keepalived is down."""
+        if not Path(self.config.paths.keepalived_config).exists():
+            return False
+        now = time.monotonic()
+        if not file_new and (self.keepalived.running()
+                             or now - self._keepalived_asked_at < KEEPALIVED_START_RETRY_SECONDS):
+            return False
+        self.keepalived.request_reload()
+        self._keepalived_asked_at = now
+        return True
 
     @staticmethod
     def _swap(live: str) -> None:

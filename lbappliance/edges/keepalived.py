@@ -81,6 +81,16 @@ class Keepalived:
             raise KeepalivedError("keepalived is not running; cannot reload")
         os.kill(pid, signal.SIGHUP)
 
+    @property
+    def reload_request_path(self) -> str:
+        return f"{self.state_dir}/keepalived.reload"
+
+    def request_reload(self) -> None:
+        """External mode: keepalived is root's; ask lbappliance-keepalived-reload.path to
+        reload-or-restart it. The file is the whole request; systemd consumes it."""
+        fd = os.open(self.reload_request_path, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.close(fd)
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM: keepalived sends priority-0 adverts so the peer takes over at once (planned failover)."""
         if self.proc is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,36 @@ def test_validators_reject_broken_configs(tmp_path: Path) -> None:
     bad_keepalived = tmp_path / "keepalived.conf"
     bad_keepalived.write_text("vrrp_instance X {\n    interface eth0\n    virtual_router_id 300\n}\n")
     assert not check_keepalived(bad_keepalived).ok
+    assert not check_keepalived(tmp_path / "absent.conf").ok  # keepalived -t says "missing" and exits 0
+
+
+
+@pytest.mark.integration
+def test_unprivileged_keepalived_check_accepts_root_track_script_and_still_rejects_errors() -> None:
+    """The hardened daemon (external mode) checks keepalived.conf as a non-root user."""
+    _require("keepalived")
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv (util-linux) to run keepalived -t as another user")
+    with tempfile.TemporaryDirectory(prefix="lbappliance-ka-") as where:  # readable by nobody
+        Path(where).chmod(0o755)
+        _check_unprivileged(Path(where), setpriv)
+
+
+def _check_unprivileged(tmp_path: Path, setpriv: str) -> None:
+    as_nobody = tmp_path / "keepalived-as-nobody"
+    as_nobody.write_text(f"#!/bin/sh\nexec {setpriv} --reuid=nobody --regid=nogroup --clear-groups "
+                         f"{shutil.which('keepalived') or '/usr/sbin/keepalived'} \"$@\"\n")
+    as_nobody.chmod(0o755)
+    good = tmp_path / "good.conf"
+    good.write_text((GOLDEN / "active-active" / "keepalived.conf").read_text())
+    good.chmod(0o644)
+    raw = check_keepalived(good, str(as_nobody), unprivileged=False)
+    assert not raw.ok and "insecure" in raw.output, f"keepalived -t as nobody no longer complains: {raw}"
+    verdict = check_keepalived(good, str(as_nobody), unprivileged=True)
+    assert verdict.ok, verdict.output
+    bad = tmp_path / "bad.conf"
+    bad.write_text(good.read_text().replace("advert_int", "advert_intervalx", 1))
+    bad.chmod(0o644)
+    verdict = check_keepalived(bad, str(as_nobody), unprivileged=True)
+    assert not verdict.ok, f"a config with an unknown keyword passed the unprivileged check: {verdict.output}"
