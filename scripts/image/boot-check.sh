@@ -6,7 +6,8 @@
 #     (the image has no cluster to reach: the kubeconfig points at 127.0.0.1:6443 in the guest),
 #     with no tracebacks, no failed reconcile pass and no invalid-configuration exit,
 #   - HAProxy and the daemon run as the unprivileged lbappliance user,
-#   - net.ipv4.ip_nonlocal_bind and net.ipv6.ip_nonlocal_bind are 1.
+#   - net.ipv4.ip_nonlocal_bind, net.ipv6.ip_nonlocal_bind and both forwarding keys are 1,
+#   - a keepalived.conf change made by the daemon reaches keepalived (path unit -> reload).
 # The guest network is qemu user networking with restrict=on: nothing leaves the VM except
 # the forwarded SSH port on 127.0.0.1. Prints the boot time and the accelerator used.
 #
@@ -154,7 +155,7 @@ for unit in haproxy.service lbappliance-keepalived-reload.path; do
     s=$(systemctl is-active "$unit")
     [ "$s" = active ] && ok "$unit active" || bad "$unit $s"
 done
-for key in net.ipv4.ip_nonlocal_bind net.ipv6.ip_nonlocal_bind; do
+for key in net.ipv4.ip_nonlocal_bind net.ipv6.ip_nonlocal_bind net.ipv4.ip_forward net.ipv6.conf.all.forwarding; do
     v=$(sysctl -n "$key")
     [ "$v" = 1 ] && ok "$key=$v" || bad "$key=$v"
 done
@@ -188,6 +189,30 @@ else
     bad "keepalived.service $ks with a rendered keepalived.conf"
 fi
 echo "lbappliance.service: $s/$sub, restarts $restarts, daemon user $du"
+# A config.yaml change (SIGHUP, what ExecReload sends) re-renders keepalived.conf; the
+# unprivileged daemon's request must reach the root keepalived as an in-place reload (same
+# pid) through lbappliance-keepalived-reload.path.
+if [ "$ks" = active ]; then
+    kpid=$(systemctl show -p MainPID --value keepalived.service)
+    before=$(journalctl -b -u keepalived.service -o cat | grep -c "Reload complete" || true)
+    sed -i 's/priority: 150/priority: 140/' /etc/lbappliance/config.yaml
+    systemctl kill --kill-who=main -s HUP lbappliance.service
+    reloaded=no
+    for _ in $(seq 60); do
+        after=$(journalctl -b -u keepalived.service -o cat | grep -c "Reload complete" || true)
+        if grep -q "priority 140" /etc/keepalived/keepalived.conf && [ "$after" -gt "$before" ]; then
+            reloaded=yes; break
+        fi
+        sleep 2
+    done
+    kpid2=$(systemctl show -p MainPID --value keepalived.service)
+    if [ "$reloaded" = yes ] && [ "$kpid" = "$kpid2" ]; then
+        ok "config change reached keepalived as a reload through the path unit (pid $kpid kept)"
+    else
+        bad "config change: reloaded=$reloaded, keepalived pid $kpid -> $kpid2"
+        journalctl -b -u keepalived.service -u lbappliance-keepalived-reload.service -o cat --no-pager | tail -15
+    fi
+fi
 waiting=$(grep -c "API unreachable" <<<"$journal" || true)
 problems=$(grep -E "Traceback|reconcile pass failed|invalid configuration|Error|error:" <<<"$journal" | grep -v "API unreachable" || true)
 if [ "$s" = active ] && [ -z "$problems" ]; then

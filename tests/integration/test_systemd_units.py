@@ -190,15 +190,31 @@ def test_keepalived_drop_in_matches_the_daemon_pidfiles() -> None:
     assert f"rm -f {trigger}" in reload_unit
 
 
-def test_sysctl_file_sets_nonlocal_bind() -> None:
+def test_sysctl_file_sets_nonlocal_bind_and_forwarding() -> None:
+    """Parsed, then applied for real with `sysctl -p` inside a throwaway network namespace
+    (these keys are per namespace), and read back there. The host's settings are untouched."""
+    expected = {"net.ipv4.ip_nonlocal_bind": "1", "net.ipv6.ip_nonlocal_bind": "1",
+                "net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"}
     settings = {}
     for line in (UNITS / "99-lbappliance.conf").read_text().splitlines():
         if line.strip() and not line.lstrip().startswith(("#", ";")):
             key, value = (part.strip() for part in line.split("=", 1))
             settings[key] = value
-    assert settings == {"net.ipv4.ip_nonlocal_bind": "1", "net.ipv6.ip_nonlocal_bind": "1"}
-    for key in settings:
-        assert Path("/proc/sys", *key.split(".")).exists(), f"{key} is not a sysctl on this kernel"
+    assert settings == expected
+    ip, sysctl = _need("ip"), _need("sysctl")
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a network namespace")
+    netns = f"lbunits-{os.getpid()}"
+    subprocess.run([ip, "netns", "add", netns], check=True, timeout=30)
+    try:
+        in_ns = [ip, "netns", "exec", netns, sysctl]
+        applied = subprocess.run([*in_ns, "-p", str(UNITS / "99-lbappliance.conf")], capture_output=True, text=True,
+                                 timeout=30)
+        assert applied.returncode == 0, applied.stderr
+        read = subprocess.run([*in_ns, "-n", *expected], capture_output=True, text=True, check=True, timeout=30)
+        assert read.stdout.split() == list(expected.values())
+    finally:
+        subprocess.run([ip, "netns", "del", netns], timeout=30, check=False)
 
 
 def test_sysusers_and_tmpfiles_apply_to_a_temporary_root(tmp_path: Path) -> None:
