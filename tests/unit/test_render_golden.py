@@ -79,7 +79,7 @@ def test_ipv6_binds_and_vrrp_instance() -> None:
 
 def test_no_eligible_nodes_renders_an_empty_backend() -> None:
     text = rendered("no-eligible-nodes")["haproxy.cfg"]
-    assert "backend be_default_lonely_tcp80_v4" in text
+    assert "listen be_default_lonely_tcp80_v4" in text
     assert "    server " not in text
 
 
