@@ -889,6 +889,10 @@ class NetworkLab:
             self._responders[h.name] = proc
             self._wait_listening(h, all_ports, proc, f"{h.name}-responder")
 
+    def responder_pids(self) -> list[int]:
+        """The nodes' NodePort responders (for benchmarks that pin them to CPUs)."""
+        return [proc.pid for proc in self._responders.values() if proc.poll() is None]
+
     def stop_nodeports(self, nodes: Iterable[str | LabHost] | None = None) -> None:
         """Stop the responders (the node's NodePorts then refuse connections) and forget their ports."""
         self._require_up()

@@ -122,8 +122,10 @@ def wrk_argv(url: str, seconds: int, connections: int = 8, threads: int = 1, clo
     return [*argv, url]
 
 
-def start_wrk(lab: NetworkLab, url: str, seconds: int, **kw: object) -> subprocess.Popen[str]:
-    return subprocess.Popen(["ip", "netns", "exec", lab.client.netns, *wrk_argv(url, seconds, **kw)],  # type: ignore[arg-type]
+def start_wrk(lab: NetworkLab, url: str, seconds: int, cpus: str | None = None, **kw: object) -> subprocess.Popen[str]:
+    """wrk from the client host; `cpus` (a taskset list) pins it, for benchmarks."""
+    pin = ["taskset", "-c", cpus] if cpus else []
+    return subprocess.Popen(["ip", "netns", "exec", lab.client.netns, *pin, *wrk_argv(url, seconds, **kw)],  # type: ignore[arg-type]
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
