@@ -120,6 +120,7 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
+trap "exit 143" TERM INT   # run the EXIT cleanup (stop the daemonized qemu) when CI stops the tier
 
 echo "==> booting $IMAGE (accelerator $ACCELERATOR, ssh on 127.0.0.1:$PORT, serial log $WORK/serial.log)"
 t0=$(date +%s)

@@ -39,6 +39,7 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap "exit 143" TERM INT
 
 start=$(date +%s)
 echo "==> disk: $SIZE raw, MBR, one bootable ext4 partition"

@@ -35,6 +35,7 @@ t_base=$(date +%s)
 
 WORK=$(mktemp -d "${TMPDIR:-/var/tmp}/lbappliance-image.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
+trap 'exit 143' TERM INT
 
 echo "==> wheelhouse (lbappliance + dependencies from PyPI) with $($PYTHON -V 2>&1)"
 "$PYTHON" -m pip wheel --quiet "$REPO" -w "$WORK/wheels"
