@@ -47,6 +47,7 @@ log = logging.getLogger("lbappliance.daemon")
 EXIT_CONFIG = 78
 WRITERS = 16
 RESYNC = 5.0  # seconds between full passes when nothing changed
+MAX_DEBOUNCE = 2.0  # seconds a pass may wait for a burst of events to settle
 
 
 class StartupError(Exception):
@@ -206,8 +207,12 @@ class Daemon:
         return 0
 
     def _debounce(self) -> None:
-        """Let a burst of events settle, but never delay a pass by more than 10x the debounce."""
-        deadline = time.monotonic() + self.debounce * 10
+        """Let a burst of events settle, but never delay a pass by more than MAX_DEBOUNCE.
+
+        A lone change waits only `debounce`; during a burst (a thousand Services at once) each
+        pass then takes in many changes, so both boxes validate and reload far less often and
+        leave the CPU to the API server."""
+        deadline = time.monotonic() + MAX_DEBOUNCE
         while time.monotonic() < deadline and self.flags.wake.wait(self.debounce):
             self.flags.wake.clear()
 
