@@ -92,16 +92,35 @@ def one_by_one(core: Any, lab: Any, ns: str, count: int) -> tuple[list[float], l
     return to_status, to_serving
 
 
-def burst(core: Any, ns: str, count: int) -> tuple[float, float]:
+def create_burst(core: Any, ns: str, count: int, load_balancer_class: str | None = None) -> float:
+    """Seconds to create `count` LoadBalancer Services, 16 at a time ("at once": as fast as the
+    API server takes them)."""
     t0 = time.time()
 
     def create(i: int) -> None:
-        core.create_namespaced_service(ns, service(f"burst-{i}", 1000 + i % 4, None,
-                                                   {"lbappliance.io/allow-shared-ip": f"k{i // 4}"}))
+        body = service(f"burst-{i}", 1000 + i % 4, None, {"lbappliance.io/allow-shared-ip": f"k{i // 4}"})
+        if load_balancer_class:
+            body["spec"]["loadBalancerClass"] = load_balancer_class
+        core.create_namespaced_service(ns, body)
 
-    with ThreadPoolExecutor(16) as pool:  # "at once": as fast as the API server takes them
+    with ThreadPoolExecutor(16) as pool:
         list(pool.map(create, range(count)))
-    created = time.time() - t0
+    return time.time() - t0
+
+
+def api_server_alone(core: Any, count: int) -> float:
+    """Baseline, before the appliances start: the same creations with nothing watching."""
+    core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "baseline"}})
+    seconds = create_burst(core, "baseline", count, load_balancer_class="example.com/not-ours")
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: core.delete_namespaced_service(f"burst-{i}", "baseline"), range(count)))
+    wait_for(lambda: not core.list_namespaced_service("baseline").items, 120, what="baseline Services deleted")
+    return seconds
+
+
+def burst(core: Any, ns: str, count: int) -> tuple[float, float]:
+    t0 = time.time()
+    created = create_burst(core, ns, count)
 
     def all_have() -> bool:
         items = core.list_namespaced_service(ns).items
@@ -134,6 +153,7 @@ def main() -> None:
         pools = pools_yaml(["192.0.2.128/25", "198.51.100.0/24", "203.0.113.0/24"])
         for extra in ("198.51.100.0/24", "203.0.113.0/24"):  # VIPs beyond the lab subnet are on-link too
             lab.exec("client", ["ip", "route", "add", extra, "dev", "eth0"])
+        baseline = api_server_alone(core, args.burst)
         app1, app2 = make_pair(lab, work, cp.appliance_kubeconfig, pools=pools, health_ms=5000)
         app1.start()
         app2.start()
@@ -156,6 +176,7 @@ def main() -> None:
         ("create -> VIP answering from client, p99", pct(to_serving, 0.99), 2.0),
         (f"{args.burst} Services at once -> all addressed (s)", burst_s, 15.0),
         ("  of which after the API server accepted the last one (s)", after_created, None),
+        (f"  baseline: API server alone creates {args.burst} (s)", baseline, None),
         ("API requests per Service, one by one (both daemons)", (req1 - req0) / max(1, args.one_by_one), None),
         ("API requests per Service, burst (both daemons)", (req2 - req1) / max(1, args.burst), None),
     ]
