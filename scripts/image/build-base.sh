@@ -27,6 +27,13 @@ for tool in mmdebstrap qemu-img sfdisk losetup mkfs.ext4 blkid; do
     command -v "$tool" >/dev/null || { echo "build-base.sh: missing $tool (apt-get install mmdebstrap qemu-utils fdisk e2fsprogs)" >&2; exit 1; }
 done
 
+# Mount only inside a private mount namespace. Anything that makes a namespace meanwhile (the
+# test suite's `ip netns exec` copies the whole mount table) would otherwise keep a copy of the
+# image's filesystem mounted after we unmount it, and e2fsck would refuse the partition.
+if [ -z "${LBAPPLIANCE_PRIVATE_MOUNTS:-}" ]; then
+    exec env LBAPPLIANCE_PRIVATE_MOUNTS=1 unshare --mount --propagation private "$0" "$@"
+fi
+
 mkdir -p "$OUT_DIR"
 WORK=$(mktemp -d "${TMPDIR:-/var/tmp}/lbappliance-base.XXXXXX")
 MNT=$WORK/root
