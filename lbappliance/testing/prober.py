@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import subprocess
 import time
 import urllib.parse
+from collections.abc import Sequence
 
 
 def probe_once(host: str, port: int, path: str, timeout: float) -> str | None:
@@ -54,6 +56,53 @@ def run(url: str, duration: float, interval: float, timeout: float) -> dict[str,
         longest = max(longest, time.monotonic() - gap_start)
     return {"requests": ok + failed, "ok": ok, "failed": failed, "longest_gap_s": round(longest, 3),
             "answered_by": answered}
+
+
+# Round robin over several VIPs, a new connection per request, ok/fail counted per VIP: for
+# "losing one box fails nothing on the other box's VIPs". Stdlib only, run with `python3 -I -S`.
+MULTI_PROBE = r"""
+import json, socket, sys, time
+vips, port, duration, interval = sys.argv[1].split(","), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+req = b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n"
+ok = {v: 0 for v in vips}
+fail = {v: 0 for v in vips}
+end = time.monotonic() + duration
+print("ready", flush=True)
+i = 0
+while time.monotonic() < end:
+    vip = vips[i % len(vips)]
+    i += 1
+    t = time.monotonic()
+    try:
+        with socket.create_connection((vip, port), timeout=0.5) as s:
+            s.settimeout(1.0)
+            s.sendall(req)
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+        good = data.startswith(b"HTTP/1.1 200")
+    except OSError:
+        good = False
+    (ok if good else fail)[vip] += 1
+    time.sleep(max(0.0, interval - (time.monotonic() - t)))
+print(json.dumps({"ok": ok, "fail": fail}), flush=True)
+"""
+
+
+def start_multi_probe(netns: str, vips: Sequence[str], seconds: float, port: int = 80,
+                      interval: float = 0.005) -> subprocess.Popen[str]:
+    """Start MULTI_PROBE in network namespace `netns`; returns once it is probing."""
+    proc = subprocess.Popen(["ip", "netns", "exec", netns, "python3", "-I", "-S", "-c", MULTI_PROBE,
+                             ",".join(vips), str(port), str(seconds), str(interval)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def finish_multi_probe(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, dict[str, int]]:
+    """{"ok": {vip: n}, "fail": {vip: n}} once the probe has run its course."""
+    out, _ = proc.communicate(timeout=timeout)
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def main() -> None:

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -176,36 +173,9 @@ def _owners(env: dict[str, Any], vips: list[str]) -> dict[str, set[str]]:
     return {name: held_addresses(env["lab"], name) & set(vips) for name in env["apps"]}
 
 
-MULTI_PROBE = r"""
-import json, socket, sys, time
-vips, duration = sys.argv[1].split(","), float(sys.argv[2])
-req = b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n"
-ok = {v: 0 for v in vips}
-fail = {v: 0 for v in vips}
-end = time.monotonic() + duration
-print("ready", flush=True)
-i = 0
-while time.monotonic() < end:
-    vip = vips[i % len(vips)]
-    i += 1
-    try:
-        with socket.create_connection((vip, 80), timeout=0.5) as s:
-            s.settimeout(1.0)
-            s.sendall(req)
-            data = b""
-            while chunk := s.recv(4096):
-                data += chunk
-        good = data.startswith(b"HTTP/1.1 200")
-    except OSError:
-        good = False
-    (ok if good else fail)[vip] += 1
-    time.sleep(0.005)
-print(json.dumps({"ok": ok, "fail": fail}), flush=True)
-"""
-
-
 def test_active_active_spreads_vips_and_losing_a_box_moves_only_its_share(env: dict[str, Any], ns: str) -> None:
     from lbappliance.testing.appliances import wait_for
+    from lbappliance.testing.prober import finish_multi_probe, start_multi_probe
 
     core, lab, apps = env["core"], env["lab"], env["apps"]
     names = [f"aa{i:02d}" for i in range(MANY)]
@@ -224,13 +194,10 @@ def test_active_active_spreads_vips_and_losing_a_box_moves_only_its_share(env: d
     vrrp = {name: (app.status() or {}).get("vrrp") for name, app in apps.items()}
     print(f"\nactive-active share of {MANY} VIPs: {share}; status vrrp: {vrrp}")
     assert vrrp["app1"]["VI_v4"] == "MASTER" and vrrp["app2"]["VI_v4_1"] == "MASTER", vrrp
-    probe = subprocess.Popen(["ip", "netns", "exec", lab.client.netns, sys.executable, "-I", "-S", "-c", MULTI_PROBE,
-                              ",".join(vips), "8"], stdout=subprocess.PIPE, text=True, cwd=REPO)
-    assert probe.stdout is not None and probe.stdout.readline().strip() == "ready"
+    probe = start_multi_probe(lab.client.netns, vips, seconds=8)
     time.sleep(2)
     apps["app2"].stop(signal.SIGTERM)  # the daemon stops keepalived (goodbye advert), then HAProxy
-    out, _ = probe.communicate(timeout=60)
-    result = json.loads(out.strip().splitlines()[-1])
+    result = finish_multi_probe(probe)
     kept = sum(result["fail"][v] for v in owners["app1"])
     moved = sum(result["fail"][v] for v in owners["app2"])
     print(f"app2 stopped: {sum(result['ok'].values())} ok; failed on app1's VIPs {kept}, on app2's VIPs {moved}")

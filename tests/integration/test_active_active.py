@@ -3,8 +3,6 @@ traffic; killing one moves only its share and the survivor's own VIPs never miss
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +13,7 @@ from lbappliance.core.config import ApplianceConfig
 from lbappliance.core.models import DesiredState, Service, ServicePort, vip_owner_states
 from lbappliance.edges.apply import DataPlane
 from lbappliance.testing.netlab import NetworkLab
+from lbappliance.testing.prober import finish_multi_probe, start_multi_probe
 from tests.integration.test_dataplane import dataplane, wait_for
 from tests.integration.test_udp import box_config, dual_nodes, lab_state
 
@@ -51,44 +50,6 @@ def held_vips(lab: NetworkLab, box: str) -> set[str]:
         if address.startswith("192.0.2.2") and len(address) > len("192.0.2.2") + 1:
             found.add(address)
     return found
-
-
-MULTI_PROBE = r"""
-import json, socket, sys, time
-vips, port, duration, interval = sys.argv[1].split(","), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-req = b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n"
-ok = {v: 0 for v in vips}
-fail = {v: 0 for v in vips}
-end = time.monotonic() + duration
-print("ready", flush=True)
-i = 0
-while time.monotonic() < end:
-    vip = vips[i % len(vips)]
-    i += 1
-    t = time.monotonic()
-    try:
-        with socket.create_connection((vip, port), timeout=0.5) as s:
-            s.settimeout(1.0)
-            s.sendall(req)
-            data = b""
-            while chunk := s.recv(4096):
-                data += chunk
-        good = data.startswith(b"HTTP/1.1 200")
-    except OSError:
-        good = False
-    (ok if good else fail)[vip] += 1
-    time.sleep(max(0.0, interval - (time.monotonic() - t)))
-print(json.dumps({"ok": ok, "fail": fail}), flush=True)
-"""
-
-
-def start_multi_probe(lab: NetworkLab, vips: list[str], seconds: float, interval: float = 0.005
-                      ) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.client.netns, "python3", "-I", "-S", "-c", MULTI_PROBE,
-                             ",".join(vips), str(NODE_PORT and 80), str(seconds), str(interval)],
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    return proc
 
 
 @pytest.fixture
@@ -135,12 +96,11 @@ def test_both_boxes_carry_vips_and_losing_one_moves_only_its_share(
     all_vips = sorted(state.vip_instances)
     assert wait_for(lambda: all(lab.http_get("client", f"http://{v}/", timeout=1)[0] == 200 for v in all_vips), 10)
 
-    probe = start_multi_probe(lab, all_vips, seconds=6)
+    probe = start_multi_probe(lab.client.netns, all_vips, seconds=6)
     time.sleep(1.5)
     planes["app2"].keepalived.kill()  # app2 fails hard: no goodbye advert
     planes["app2"].haproxy.stop(sig=9, timeout=5)
-    out, _ = probe.communicate(timeout=60)
-    result = json.loads(out.strip().splitlines()[-1])
+    result = finish_multi_probe(probe)
     survivors = sum(result["fail"][v] for v in expected["app1"])
     moved = sum(result["fail"][v] for v in expected["app2"])
     ok = sum(result["ok"].values())
