@@ -42,7 +42,9 @@ def check_keepalived(path: Path, binary: str = "/usr/sbin/keepalived", *, unpriv
     if found is None:
         return Verdict(False, "keepalived binary not found")
     verdict = _run([found, "-t", "-l", "-D", "-f", str(path)])
-    if os.geteuid() != 0 if unprivileged is None else unprivileged:
+    if unprivileged is None:
+        unprivileged = os.geteuid() != 0
+    if unprivileged:
         verdict = _forgive_unprivileged_script_check(verdict)
     # keepalived -t exits 0 on some config problems and only logs them; treat any complaint as fatal.
     complaint = any(word in verdict.output.lower()
@@ -60,6 +62,6 @@ _CONFIG_TEST_FAILED = 5
 def _forgive_unprivileged_script_check(verdict: Verdict) -> Verdict:
     lines = [line for line in verdict.output.splitlines() if line.strip()]
     rest = [line for line in lines if not _UNPRIVILEGED_SCRIPT_LINE.match(line.strip())]
-    if verdict.returncode not in (0, _CONFIG_TEST_FAILED) or len(rest) == len(lines) or rest:
+    if verdict.returncode not in (0, _CONFIG_TEST_FAILED) or rest or not lines:
         return verdict
     return Verdict(True, "")
