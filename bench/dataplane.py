@@ -247,6 +247,22 @@ for i in range(flows):
 inflight = [0] * flows
 last = [0.0] * flows
 sent = received = 0
+
+
+def read_answers(timeout):
+    got = 0
+    for key, _ in sel.select(timeout=timeout):
+        while True:
+            try:
+                key.fileobj.recv(512)
+            except OSError:  # BlockingIOError: drained; ConnectionRefusedError: ICMP unreachable
+                break
+            got += 1
+            inflight[key.data] = max(0, inflight[key.data] - 1)
+            last[key.data] = time.monotonic()
+    return got
+
+
 end = time.monotonic() + seconds
 while time.monotonic() < end:
     now = time.monotonic()
@@ -261,24 +277,10 @@ while time.monotonic() < end:
             inflight[i] += 1
             sent += 1
             last[i] = now
-    for key, _ in sel.select(timeout=0.05):
-        while True:
-            try:
-                key.fileobj.recv(512)
-            except OSError:  # BlockingIOError: drained; ConnectionRefusedError: ICMP unreachable
-                break
-            received += 1
-            inflight[key.data] = max(0, inflight[key.data] - 1)
-            last[key.data] = time.monotonic()
+    received += read_answers(0.05)
 drain = time.monotonic() + 0.5
 while time.monotonic() < drain:
-    for key, _ in sel.select(timeout=0.1):
-        while True:
-            try:
-                key.fileobj.recv(512)
-            except OSError:  # BlockingIOError: drained; ConnectionRefusedError: ICMP unreachable
-                break
-            received += 1
+    received += read_answers(0.1)
 print(json.dumps({"sent": sent, "received": received, "seconds": seconds}))
 """
 
