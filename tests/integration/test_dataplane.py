@@ -41,9 +41,11 @@ pools:
 # ---------------------------------------------------------------- helpers shared with failover and bench
 
 
-def appliance_config(workdir: Path, box: str, *, priority: int, peer: str, src: str,
-                     check_ms: int = 200, advert: float = 0.1, extra: str = "") -> ApplianceConfig:
-    """A lab appliance: unicast VRRP to its peer, files and sockets under its own dir."""
+def appliance_config(workdir: Path, box: str, *, priority: int, peer: str, src: str, check_ms: int = 200,
+                     advert: float = 0.1, extra: str = "", extra_vrrp: str = "",
+                     hard_stop_after: str = "60s") -> ApplianceConfig:
+    """A lab appliance: unicast VRRP to its peer, files and sockets under its own dir.
+    `extra_vrrp` lines (indented two spaces) go into the vrrp block, `extra` at the top level."""
     base = workdir / box
     base.mkdir(parents=True, exist_ok=True)
     return parse_config(f"""
@@ -55,11 +57,12 @@ vrrp:
   advertInterval: {advert}
   unicastSrcIp: {src}
   unicastPeers: [{peer}]
+{extra_vrrp}
 healthCheck: {{intervalMilliseconds: {check_ms}, fall: 2, rise: 2}}
 haproxy:
   statsAddress: null
   maxconn: 4000
-  hardStopAfter: 60s
+  hardStopAfter: {hard_stop_after}
 paths:
   haproxyConfig: {base}/haproxy.cfg
   keepalivedConfig: {base}/keepalived.conf

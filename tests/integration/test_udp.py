@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from lbappliance.core.config import ApplianceConfig, load_pools, parse_config
+from lbappliance.core.config import ApplianceConfig, load_pools
 from lbappliance.core.models import DesiredState, Node, Service, ServicePort
 from lbappliance.core.plan import Snapshot, desired_state
 from lbappliance.edges.apply import DataPlane
 from lbappliance.testing.appliances import pools_yaml
 from lbappliance.testing.netlab import NetworkLab
-from tests.integration.test_dataplane import dataplane, wait_for
+from tests.integration.test_dataplane import appliance_config, dataplane, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,27 +39,10 @@ def lab_state(config: ApplianceConfig, services: Sequence[Service], nodes: Seque
 
 def box_config(workdir: Path, box: str, *, priority: int, src: str, peer: str, src6: str, peer6: str,
                extra_vrrp: str = "", check_ms: int = CHECK_MS) -> ApplianceConfig:
-    base = workdir / box
-    base.mkdir(parents=True, exist_ok=True)
-    return parse_config(f"""
-name: lab
-processMode: managed
-vrrp:
-  interface: eth0
-  priority: {priority}
-  advertInterval: 0.1
-  unicastSrcIp: {src}
-  unicastPeers: [{peer}]
-  unicastSrcIp6: "{src6}"
-  unicastPeers6: ["{peer6}"]
-{extra_vrrp}
-healthCheck: {{intervalMilliseconds: {check_ms}, fall: 2, rise: 2}}
-haproxy: {{statsAddress: null, maxconn: 4000, hardStopAfter: 10s}}
-paths:
-  haproxyConfig: {base}/haproxy.cfg
-  keepalivedConfig: {base}/keepalived.conf
-  stateDir: {base}/run
-""")
+    """A dual-stack lab appliance: `appliance_config` with IPv6 VRRP peers as well."""
+    vrrp6 = f'  unicastSrcIp6: "{src6}"\n  unicastPeers6: ["{peer6}"]\n{extra_vrrp}'
+    return appliance_config(workdir, box, priority=priority, src=src, peer=peer, check_ms=check_ms,
+                            extra_vrrp=vrrp6, hard_stop_after="10s")
 
 
 def box_configs(workdir: Path, extra1: str = "", extra2: str = "", **kw: object
