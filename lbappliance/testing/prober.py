@@ -15,6 +15,7 @@ import subprocess
 import time
 import urllib.parse
 from collections.abc import Sequence
+from typing import Any
 
 
 def probe_once(host: str, port: int, path: str, timeout: float) -> str | None:
@@ -58,14 +59,19 @@ def run(url: str, duration: float, interval: float, timeout: float) -> dict[str,
             "answered_by": answered}
 
 
-# Round robin over several VIPs, a new connection per request, ok/fail counted per VIP: for
-# "losing one box fails nothing on the other box's VIPs". Stdlib only, run with `python3 -I -S`.
+# Round robin over VIPs, a new connection per request: ok/fail per VIP, and the longest gap
+# between two successes (the outage a failover causes). Connect/read timeouts are arguments
+# because failover measurement wants them short: a request in flight on the box that dies is
+# lost, and a long timeout would hide the outage. Stdlib only, run with `python3 -I -S`.
 MULTI_PROBE = r"""
 import json, socket, sys, time
 vips, port, duration, interval = sys.argv[1].split(","), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+connect_timeout, read_timeout = float(sys.argv[5]), float(sys.argv[6])
 req = b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n"
 ok = {v: 0 for v in vips}
 fail = {v: 0 for v in vips}
+last_ok = None
+max_gap = 0.0
 end = time.monotonic() + duration
 print("ready", flush=True)
 i = 0
@@ -74,8 +80,8 @@ while time.monotonic() < end:
     i += 1
     t = time.monotonic()
     try:
-        with socket.create_connection((vip, port), timeout=0.5) as s:
-            s.settimeout(1.0)
+        with socket.create_connection((vip, port), timeout=connect_timeout) as s:
+            s.settimeout(read_timeout)
             s.sendall(req)
             data = b""
             while chunk := s.recv(4096):
@@ -83,24 +89,32 @@ while time.monotonic() < end:
         good = data.startswith(b"HTTP/1.1 200")
     except OSError:
         good = False
-    (ok if good else fail)[vip] += 1
+    now = time.monotonic()
+    if good:
+        ok[vip] += 1
+        if last_ok is not None:
+            max_gap = max(max_gap, now - last_ok)
+        last_ok = now
+    else:
+        fail[vip] += 1
     time.sleep(max(0.0, interval - (time.monotonic() - t)))
-print(json.dumps({"ok": ok, "fail": fail}), flush=True)
+print(json.dumps({"ok": ok, "fail": fail, "max_gap": max_gap}), flush=True)
 """
 
 
-def start_multi_probe(netns: str, vips: Sequence[str], seconds: float, port: int = 80,
-                      interval: float = 0.005) -> subprocess.Popen[str]:
+def start_multi_probe(netns: str, vips: Sequence[str], seconds: float, port: int = 80, interval: float = 0.005,
+                      connect_timeout: float = 0.5, read_timeout: float = 1.0) -> subprocess.Popen[str]:
     """Start MULTI_PROBE in network namespace `netns`; returns once it is probing."""
     proc = subprocess.Popen(["ip", "netns", "exec", netns, "python3", "-I", "-S", "-c", MULTI_PROBE,
-                             ",".join(vips), str(port), str(seconds), str(interval)],
-                            stdout=subprocess.PIPE, text=True)
+                             ",".join(vips), str(port), str(seconds), str(interval), str(connect_timeout),
+                             str(read_timeout)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     return proc
 
 
-def finish_multi_probe(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, dict[str, int]]:
-    """{"ok": {vip: n}, "fail": {vip: n}} once the probe has run its course."""
+def finish_multi_probe(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
+    """{"ok": {vip: n}, "fail": {vip: n}, "max_gap": seconds} once the probe has run its course."""
     out, _ = proc.communicate(timeout=timeout)
     return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 

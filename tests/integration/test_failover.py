@@ -6,7 +6,6 @@ a new connection every few milliseconds (connect timeout 50 ms); it is printed f
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from lbappliance.edges.apply import DataPlane
 from lbappliance.testing.netlab import NetworkLab
+from lbappliance.testing.prober import finish_multi_probe, start_multi_probe
 from tests.integration.test_dataplane import (
     NODE_PORT,
     VIP,
@@ -35,40 +35,6 @@ pytestmark = pytest.mark.integration
 HARD_TARGET = 0.5
 PLANNED_TARGET = 0.2
 
-PROBE_SNIPPET = r"""
-import json, socket, sys, time
-vip, port, duration, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-req = b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n"
-ok = fail = 0
-last_ok = None
-max_gap = 0.0
-end = time.monotonic() + duration
-print("ready", flush=True)
-while time.monotonic() < end:
-    t = time.monotonic()
-    try:
-        with socket.create_connection((vip, port), timeout=0.05) as s:
-            s.settimeout(0.2)  # a request in flight on the box that dies is lost; do not let it hide the outage
-            s.sendall(req)
-            data = b""
-            while chunk := s.recv(4096):
-                data += chunk
-        good = data.startswith(b"HTTP/1.1 200")
-    except OSError:
-        good = False
-    now = time.monotonic()
-    if good:
-        ok += 1
-        if last_ok is not None:
-            max_gap = max(max_gap, now - last_ok)
-        last_ok = now
-    else:
-        fail += 1
-    time.sleep(max(0.0, interval - (time.monotonic() - t)))
-print(json.dumps({"ok": ok, "fail": fail, "max_gap": max_gap}), flush=True)
-"""
-
-
 @dataclass(frozen=True)
 class Probe:
     ok: int
@@ -77,17 +43,15 @@ class Probe:
 
 
 def start_probe(lab: NetworkLab, seconds: float, interval: float = 0.005, port: int = 80) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.client.netns, "python3", "-I", "-S", "-c", PROBE_SNIPPET,
-                             VIP, str(port), str(seconds), str(interval)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    return proc
+    # Connect timeout 50 ms, read 200 ms: a request in flight on the box that dies is lost;
+    # it must not hide the outage.
+    return start_multi_probe(lab.client.netns, [VIP], seconds, port=port, interval=interval,
+                             connect_timeout=0.05, read_timeout=0.2)
 
 
 def finish_probe(proc: subprocess.Popen[str]) -> Probe:
-    out, _ = proc.communicate(timeout=60)
-    data = json.loads(out.strip().splitlines()[-1])
-    return Probe(data["ok"], data["fail"], data["max_gap"])
+    data = finish_multi_probe(proc)
+    return Probe(data["ok"][VIP], data["fail"][VIP], data["max_gap"])
 
 
 def measure(lab: NetworkLab, action: Callable[[], None], settle: float = 2.0) -> Probe:
