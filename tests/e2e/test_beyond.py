@@ -191,9 +191,14 @@ def test_active_active_spreads_vips_and_losing_a_box_moves_only_its_share(env: d
 
     owners = wait_for(spread, 20, what="VIPs spread over both boxes")
     share = {name: len(held) for name, held in owners.items()}
-    vrrp = {name: (app.status() or {}).get("vrrp") for name, app in apps.items()}
+
+    def status_shows_home_instances() -> dict[str, Any] | None:
+        # `lbappliance status` reads what the daemon wrote at its last pass (at most RESYNC ago).
+        vrrp = {name: (app.status() or {}).get("vrrp") or {} for name, app in apps.items()}
+        return vrrp if vrrp["app1"].get("VI_v4") == "MASTER" and vrrp["app2"].get("VI_v4_1") == "MASTER" else None
+
+    vrrp = wait_for(status_shows_home_instances, 15, what="status showing each box master of its home instance")
     print(f"\nactive-active share of {MANY} VIPs: {share}; status vrrp: {vrrp}")
-    assert vrrp["app1"]["VI_v4"] == "MASTER" and vrrp["app2"]["VI_v4_1"] == "MASTER", vrrp
     probe = start_multi_probe(lab.client.netns, vips, seconds=8)
     time.sleep(2)
     apps["app2"].stop(signal.SIGTERM)  # the daemon stops keepalived (goodbye advert), then HAProxy
