@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from .health import health_monitors
 from .models import Backend, DesiredState, Frontend, UdpForward
 from .render import server_options, server_target
 
@@ -64,9 +65,10 @@ def _skeleton(frontend: Frontend) -> Frontend:
 
 
 def _backends(state: DesiredState) -> dict[str, Backend]:
-    """Every HAProxy backend: those behind frontends and the check-only ones of UDP forwards."""
+    """Every HAProxy backend: behind frontends, the UDP forwards' check-only ones, and the monitors."""
     out = {f.backend.name: f.backend for f in state.frontends}
     out.update((u.backend.name, u.backend) for u in state.udp)
+    out.update((m.name, m) for m in health_monitors(state))
     return out
 
 
@@ -93,6 +95,12 @@ def structural_differences(old: DesiredState, new: DesiredState) -> tuple[str, .
                 if old_udp[n] != new_udp[n]]
     if [u.name for u in old.udp] != [u.name for u in new.udp] and not reasons:
         reasons.append("udp forward order changed")
+    # A monitor appears with the first backend on a new check port or address family, and goes
+    # with the last; its servers follow the nodes at runtime like any backend's.
+    old_hc = {m.name for m in health_monitors(old)}
+    new_hc = {m.name for m in health_monitors(new)}
+    reasons += [f"health monitor {n} added" for n in sorted(new_hc - old_hc)]
+    reasons += [f"health monitor {n} removed" for n in sorted(old_hc - new_hc)]
     return tuple(reasons)
 
 

@@ -10,6 +10,7 @@ from functools import cache
 import jinja2
 
 from .config import ApplianceConfig, HealthCheckConfig
+from .health import health_monitors, is_monitor, monitor_name
 from .models import Backend, DesiredState, Server
 
 
@@ -33,8 +34,17 @@ def _environment() -> jinja2.Environment:
 
 
 def server_options(backend: Backend) -> str:
-    """The option string of every server line of a backend; the runtime API `add server` uses it too."""
+    """Options of a server that checks for itself: monitors' servers, and the ones `add server`
+    creates at runtime (HAProxy cannot make those track a monitor)."""
     options = ["check", "port", str(backend.check_port)]
+    if backend.proxy_protocol:
+        options.append(backend.proxy_protocol)
+    return " ".join(options)
+
+
+def tracking_options(backend: Backend, server: Server) -> str:
+    """Options of a rendered Service server: it follows its node's monitor instead of checking."""
+    options = ["track", f"{monitor_name(backend.check_port, server)}/{server.name}"]
     if backend.proxy_protocol:
         options.append(backend.proxy_protocol)
     return " ".join(options)
@@ -55,14 +65,17 @@ def server_line(backend: Backend, server: Server) -> str:
 
 def _server_lines_renderer() -> Callable[[Backend], str]:
     """Server blocks differ only by nodePort, so build each shared block once per render."""
-    blocks: dict[tuple[int, str], str] = {}
+    blocks: dict[tuple[int, int, str | None, bool], str] = {}
 
     def server_lines(backend: Backend) -> str:
-        options = server_options(backend)
-        key = (id(backend.servers), options)
+        monitor = is_monitor(backend)
+        key = (id(backend.servers), backend.check_port, backend.proxy_protocol, monitor)
         block = blocks.get(key)
         if block is None:
-            block = "".join(f"    server {s.name} {server_target(s, 0)[:-1]}\0 {options}\n" for s in backend.servers)
+            block = "".join(
+                f"    server {s.name} {server_target(s, 0)[:-1]}\0 "
+                f"{'check' if monitor else tracking_options(backend, s)}\n"
+                for s in backend.servers)
             blocks[key] = block
         return block.replace("\0", str(backend.port))
 
@@ -86,6 +99,7 @@ def render_haproxy(state: DesiredState, config: ApplianceConfig) -> str:
     return _environment().get_template("haproxy.cfg.j2").render(
         frontends=state.frontends,
         udp=state.udp,
+        monitors=health_monitors(state),
         server_lines=_server_lines_renderer(),
         server_defaults=server_defaults(config.health_check),
         paths=config.paths,

@@ -20,6 +20,7 @@ from typing import Literal
 
 from lbappliance.core.changes import Change, classify
 from lbappliance.core.config import ApplianceConfig
+from lbappliance.core.health import is_monitor_name
 from lbappliance.core.models import DesiredState, UdpForward
 from lbappliance.core.nft import Health, map_members, render_nft
 from lbappliance.core.render import RenderedConfigs, render, server_defaults
@@ -268,18 +269,34 @@ class DataPlane:
                 self.haproxy.readd_server(op.backend, op.name, address.strip("[]"), int(port))
                 self._pending.discard((op.backend, op.name))
             else:
-                self.haproxy.add_server(op.backend, op.name, op.target, f"{op.options} {extra}")
+                self._add_server(op.backend, op.name, op.target, f"{op.options} {extra}")
         for move in change.readdresses:
             self.haproxy.set_address(move.backend, move.name, move.address, move.port)
         for rm in change.removes:
             self._pending.add((rm.backend, rm.name))
         self._retry_pending()
 
+    def _add_server(self, backend: str, name: str, target: str, options: str) -> None:
+        try:
+            self.haproxy.add_server(backend, name, target, options)
+        except HaproxyError as exc:
+            if "already exists" not in str(exc).lower():
+                raise
+            # A monitor server parked in maintenance by an earlier removal (see remove_server).
+            address, _, port = target.rpartition(":")
+            self.haproxy.readd_server(backend, name, address.strip("[]"), int(port))
+
     def _retry_pending(self) -> None:
-        """Delete servers left in maintenance by an earlier pass once their connections are gone."""
+        """Delete servers left in maintenance by an earlier pass once their connections are gone.
+
+        A node's monitor server waits for the node's Service servers: putting it in maintenance
+        would put its trackers there too, and cut the sessions they are still draining.
+        """
         if not self._pending or not self.haproxy.running():
             return
         for backend, name in sorted(self._pending):
+            if is_monitor_name(backend) and any(n == name and not is_monitor_name(b) for b, n in self._pending):
+                continue
             if self.haproxy.remove_server(backend, name):
                 self._pending.discard((backend, name))
 

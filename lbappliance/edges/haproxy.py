@@ -259,6 +259,10 @@ class HAProxy:
         answer = self.runtime(f"del server {backend}/{name}")
         if answer.startswith(("Server deleted", "No such server")):
             return True
+        if "pointing to it" in answer:
+            # A rendered monitor server others tracked: HAProxy keeps it for good. It stays in
+            # maintenance (unchecked) until the next reload; a returning node re-enables it.
+            return True
         if "connection" in answer.lower() or "queue" in answer.lower():
             return False
         raise HaproxyError(f"del server {backend}/{name}: {answer}")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from lbappliance.core.config import ApplianceConfig, load_pools, parse_config
-from lbappliance.core.models import DesiredState, Node, Service, ServicePort
+from lbappliance.core.models import ANN_SHARED, DesiredState, Node, Service, ServicePort
 from lbappliance.core.plan import Snapshot, desired_state
 from lbappliance.core.render import RenderedConfigs, render
 from lbappliance.edges.apply import DataPlane
@@ -315,6 +315,34 @@ def test_failing_health_check_stops_traffic(served_lab: NetworkLab, plane: tuple
     finally:
         served_lab.set_health("node2", 10256, healthy=True)
     assert wait_for(lambda: dp.server_health()[(backend, "node2")] == "UP", 5)
+
+
+def test_one_check_per_node_however_many_services(served_lab: NetworkLab,
+                                                  plane: tuple[DataPlane, ApplianceConfig]) -> None:
+    """Twenty Services on kube-proxy's port: HAProxy checks each node once, and one failing check
+    takes that node out of every Service at once."""
+    dp, config = plane
+    shared = {ANN_SHARED: "web"}
+    services = [web_service(annotations=shared)]
+    services += [replace(web_service(port=8000 + i, annotations=shared), name=f"web{i}") for i in range(20)]
+    state = lab_state(config, services, lab_nodes(served_lab))
+    assert {f.vip for f in state.frontends} == {VIP} and len(state.frontends) == 21
+    assert dp.apply(state).kind == "reload"
+    rows = [r for r in dp.haproxy.stat_rows() if r["svname"] not in ("FRONTEND", "BACKEND")]
+    checked = sorted((r["pxname"], r["svname"]) for r in rows if r.get("check_status"))
+    assert checked == [("hc_10256_v4", n.name) for n in served_lab.nodes], checked
+    trackers = [r for r in rows if r["pxname"].startswith("be_")]
+    assert len(trackers) == 21 * len(served_lab.nodes)
+    served_lab.set_health("node2", 10256, healthy=False)
+    try:
+        assert wait_for(lambda: all(st == "DOWN" for (_, srv), st in dp.server_health().items() if srv == "node2"),
+                        5, 0.02), dp.server_health()
+        assert all(st == "UP" for (_, srv), st in dp.server_health().items() if srv != "node2")
+        seen = node_counts(served_lab, f"http://{VIP}:8007/", 12)
+        assert "node2" not in seen and "error" not in seen, seen
+    finally:
+        served_lab.set_health("node2", 10256, healthy=True)
+    assert wait_for(lambda: set(dp.server_health().values()) == {"UP"}, 5)
 
 
 def test_local_policy_only_nodes_with_endpoints(served_lab: NetworkLab, plane: tuple[DataPlane, ApplianceConfig]) -> None:

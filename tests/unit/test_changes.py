@@ -33,7 +33,10 @@ def test_node_added_is_runtime_add_with_server_options() -> None:
     new_node = Node("node-6", (("InternalIP", "198.51.100.16"),))
     change = classify(state(), state(nodes=(*NODES, new_node)))
     assert change.kind == "runtime"
-    assert change.adds == (ServerAdd("be_default_web_tcp80_v4", "node-6", "198.51.100.16:30080", "check port 10256"),)
+    # The Service server checks for itself until the next reload (HAProxy cannot make a server
+    # added at runtime track one); the node also joins the monitor.
+    assert change.adds == (ServerAdd("be_default_web_tcp80_v4", "node-6", "198.51.100.16:30080", "check port 10256"),
+                           ServerAdd("hc_10256_v4", "node-6", "198.51.100.16:10256", "check port 10256"))
     assert change.removes == ()
     assert not change.keepalived_changed
 
@@ -41,21 +44,23 @@ def test_node_added_is_runtime_add_with_server_options() -> None:
 def test_node_removed_is_runtime_remove() -> None:
     change = classify(state(), state(nodes=NODES[1:]))
     assert change.kind == "runtime"
-    assert change.removes == (ServerRemove("be_default_web_tcp80_v4", "node-1"),)
+    assert change.removes == (ServerRemove("be_default_web_tcp80_v4", "node-1"), ServerRemove("hc_10256_v4", "node-1"))
 
 
 def test_node_excluded_by_label_is_runtime_remove() -> None:
     excluded = replace(NODES[1], labels={"node.kubernetes.io/exclude-from-external-load-balancers": ""})
     change = classify(state(), state(nodes=(NODES[0], excluded, *NODES[2:])))
     assert change.kind == "runtime"
-    assert [r.name for r in change.removes] == ["node-2"]
+    assert [(r.backend, r.name) for r in change.removes] == [("be_default_web_tcp80_v4", "node-2"),
+                                                             ("hc_10256_v4", "node-2")]
 
 
 def test_node_address_change_is_runtime_readdress() -> None:
     moved = replace(NODES[0], addresses=(("InternalIP", "198.51.100.21"),))
     change = classify(state(), state(nodes=(moved, *NODES[1:])))
     assert change.kind == "runtime"
-    assert change.readdresses == (ServerReaddress("be_default_web_tcp80_v4", "node-1", "198.51.100.21", 30080),)
+    assert change.readdresses == (ServerReaddress("be_default_web_tcp80_v4", "node-1", "198.51.100.21", 30080),
+                                  ServerReaddress("hc_10256_v4", "node-1", "198.51.100.21", 10256))
 
 
 def test_proxy_protocol_server_options_reach_runtime_add() -> None:
@@ -113,4 +118,15 @@ def test_runtime_ops_cover_every_backend_sharing_the_node() -> None:
     other = Service("default", "api", creation="2", ports=(tcp(443, 30443),), ingress_ips=("192.0.2.201",))
     change = classify(state((WEB, other)), state((WEB, other), NODES[1:]))
     assert change.kind == "runtime"
-    assert {r.backend for r in change.removes} == {"be_default_web_tcp80_v4", "be_default_api_tcp443_v4"}
+    assert {r.backend for r in change.removes} == {"be_default_web_tcp80_v4", "be_default_api_tcp443_v4",
+                                                   "hc_10256_v4"}
+
+
+def test_a_service_on_a_new_check_port_adds_a_monitor() -> None:
+    local = Service("default", "api", creation="2", ports=(tcp(443, 30443),), ingress_ips=("192.0.2.201",),
+                    external_traffic_policy="Local", health_check_node_port=32100)
+    change = classify(state(), state((WEB, local)))
+    assert change.kind == "reload"
+    assert "health monitor hc_32100_v4 added" in change.reasons
+    back = classify(state((WEB, local)), state())
+    assert "health monitor hc_32100_v4 removed" in back.reasons

@@ -47,7 +47,7 @@ def test_render_is_independent_of_input_order(shape: str) -> None:
 
 def test_excluded_nodes_never_become_servers() -> None:
     text = rendered("single-port")["haproxy.cfg"]
-    assert "server node-1 198.51.100.11:30080 check port 10256" in text
+    assert "server node-1 198.51.100.11:30080 track hc_10256_v4/node-1" in text
     assert "server node-2 198.51.100.12:30080" in text
     for excluded in ("node-3", "node-4", "node-5"):
         assert f"server {excluded} " not in text
@@ -55,7 +55,25 @@ def test_excluded_nodes_never_become_servers() -> None:
 
 def test_local_policy_checks_health_check_node_port() -> None:
     text = rendered("local-policy")["haproxy.cfg"]
-    assert "check port 32100" in text and "port 10256" not in text
+    assert "server node-1 198.51.100.11:32100 check" in text and "10256" not in text
+    assert "server node-1 198.51.100.11:31080 track hc_32100_v4/node-1" in text
+
+
+def test_each_node_is_checked_once_however_many_services_use_it() -> None:
+    """Two ports (two backends) on one check port: one check per node, every server tracks it."""
+    text = rendered("multi-port")["haproxy.cfg"]
+    checks = [line for line in text.splitlines() if line.strip().startswith("server") and line.endswith(" check")]
+    assert checks == ["    server node-1 198.51.100.11:10256 check", "    server node-2 198.51.100.12:10256 check"]
+    trackers = [line for line in text.splitlines() if " track " in line]
+    assert len(trackers) == 4 and all(t.split()[-1] in ("hc_10256_v4/node-1", "hc_10256_v4/node-2") for t in trackers)
+    assert all(t.split()[1] == t.split()[-1].split("/")[1] for t in trackers)  # each tracks its own node
+
+
+def test_dual_stack_nodes_are_checked_on_the_address_the_service_uses() -> None:
+    text = rendered("udp-dns")["haproxy.cfg"]
+    assert "server node-1 [2001:db8:0:2::11]:30053 track hc_10256_v6/node-1" in text
+    assert "server node-2 198.51.100.12:30053 track hc_10256_v4/node-2" in text
+    assert "backend hc_10256_v6\n" in text and "server node-1 [2001:db8:0:2::11]:10256 check" in text
 
 
 def test_source_ranges_become_an_acl() -> None:
