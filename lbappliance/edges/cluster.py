@@ -8,17 +8,20 @@ meanwhile, so an API outage never withdraws a VIP.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import json
 import logging
 import random
+import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import urllib3
-from kubernetes import client, config, watch
+from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from ..core.models import FINALIZER, Reason
@@ -35,6 +38,30 @@ def api_client_from_kubeconfig(path: str | None) -> client.ApiClient:
         config.load_incluster_config(client_configuration=configuration)
     configuration.connection_pool_maxsize = 32  # watches + parallel writers share the pool
     return client.ApiClient(configuration)
+
+
+def _read_json(resp: Any) -> Any:
+    """The body of a `_preload_content=False` response as plain wire-format dicts.
+
+    Skips the client's model objects (and our sanitize round trip back to dicts), which cost
+    most of the CPU on the API path during a burst. Reading to the end hands the connection
+    back to the pool; non-2xx answers were already raised as ApiException by the client.
+    """
+    try:
+        return json.loads(resp.data)
+    finally:
+        resp.release_conn()
+
+
+def _lines(resp: Any) -> Iterator[bytes]:
+    """The non-empty newline-separated lines of a streamed (watch) response."""
+    pending = b""
+    for chunk in resp.stream(amt=None):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        yield from (line for line in lines if line.strip())
+    if pending.strip():
+        yield pending
 
 
 def _key(obj: Mapping[str, Any]) -> str:
@@ -58,7 +85,7 @@ class Informer:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
-    _watch: watch.Watch | None = None
+    _resp: Any = None  # the open watch response, so stop() can interrupt a blocked read
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"watch-{self.name}", daemon=True)
@@ -66,8 +93,13 @@ class Informer:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._watch is not None:
-            self._watch.stop()
+        resp = self._resp
+        sock = getattr(getattr(resp, "connection", None), "sock", None)
+        if sock is not None:
+            # Shut the socket down rather than close the response: a read blocked in another
+            # thread (TLS) holds locks that close() would wait on.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def items(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -82,17 +114,18 @@ class Informer:
 
     def _relist(self) -> str:
         self.requests += 1
-        listing = self.list_call(_request_timeout=30)
-        items = {}
-        for item in listing.items:
-            obj = self.api.sanitize_for_serialization(item)
-            items[_key(obj)] = obj
+        # Raw JSON: items of a list carry no kind/apiVersion (parse_objects does not need them).
+        listing = _read_json(self.list_call(_request_timeout=30, _preload_content=False))
+        version = (listing.get("metadata") or {}).get("resourceVersion")
+        if not version:
+            raise ValueError("list answer without metadata.resourceVersion")
+        items = {_key(obj): obj for obj in listing.get("items") or []}
         with self._lock:
             self.cache = items
         self.relists += 1
         self.synced.set()
         self.on_change()
-        return str(listing.metadata.resource_version)
+        return str(version)
 
     def _run(self) -> None:
         backoff = 0.2
@@ -113,35 +146,53 @@ class Informer:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+                if self._stop.is_set():  # stop() shut the socket down under the read
+                    break
                 log.warning("%s watch: API unreachable (%s); keeping the last data, retrying in %.1fs",
                             self.name, type(exc).__name__, backoff)
                 self._stop.wait(backoff + random.uniform(0, backoff / 4))
                 backoff = min(backoff * 2, 10.0)
 
     def _watch_from(self, version: str) -> str | None:
-        self._watch = watch.Watch()
+        """Follow one watch request; the last resourceVersion seen, or None to relist (410 Gone).
+
+        Events are parsed as plain JSON, not through watch.Watch().stream(): its model
+        deserialization is wasted on us, and in client 37.0.2 its deserialize=False mode fails
+        with KeyError('raw_object') on the ERROR event that carries a 410.
+        """
         self.requests += 1
-        stream = self._watch.stream(self.list_call, resource_version=version, allow_watch_bookmarks=True,
-                                    timeout_seconds=self.watch_timeout, _request_timeout=self.watch_timeout + 30)
-        for event in stream:
-            kind = event["type"]
-            raw = event["raw_object"]
-            if kind == "ERROR":
-                if raw.get("code") == 410:
-                    log.info("%s watch: 410 Gone in stream; relisting", self.name)
-                    return None
-                raise ApiException(status=raw.get("code"), reason=raw.get("message"))
-            version = (raw.get("metadata") or {}).get("resourceVersion") or version
-            if kind == "BOOKMARK":
-                continue
-            with self._lock:
-                if kind == "DELETED":
-                    self.cache.pop(_key(raw), None)
-                else:
-                    self.cache[_key(raw)] = raw
-            self.on_change()
-            if self._stop.is_set():
-                break
+        resp = self.list_call(watch=True, resource_version=version, allow_watch_bookmarks=True,
+                              timeout_seconds=self.watch_timeout, _request_timeout=self.watch_timeout + 30,
+                              _preload_content=False)
+        self._resp = resp
+        try:
+            if self._stop.is_set():  # stop() ran before the response existed
+                return version
+            for line in _lines(resp):
+                event = json.loads(line)
+                kind = event.get("type")
+                raw = event.get("object") or {}
+                if kind == "ERROR":
+                    if raw.get("code") == 410:
+                        log.info("%s watch: 410 Gone in stream; relisting", self.name)
+                        return None
+                    raise ApiException(status=raw.get("code"), reason=f"{raw.get('reason')}: {raw.get('message')}")
+                version = (raw.get("metadata") or {}).get("resourceVersion") or version
+                if kind == "BOOKMARK":
+                    continue
+                with self._lock:
+                    if kind == "DELETED":
+                        self.cache.pop(_key(raw), None)
+                    else:
+                        self.cache[_key(raw)] = raw
+                self.on_change()
+                if self._stop.is_set():
+                    break
+        finally:
+            self._resp = None
+            # close() before release_conn(): an unfinished stream must not go back to the pool.
+            resp.close()
+            resp.release_conn()
         return version
 
 
@@ -150,6 +201,12 @@ def _rv(obj: Mapping[str, Any]) -> int:
         return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
     except ValueError:
         return 0
+
+
+def _microtime(when: dt.datetime) -> dt.datetime:
+    """A Lease time the API server accepts: MicroTime needs six fractional digits, and the
+    client's isoformat() drops them when the microseconds are zero (400 Bad Request)."""
+    return when if when.microsecond else when.replace(microsecond=1)
 
 
 class LeaderElector:
@@ -169,7 +226,7 @@ class LeaderElector:
 
     def try_acquire_or_renew(self) -> bool:
         """One attempt; on any API failure leadership lapses after renewDeadline on its own."""
-        now = dt.datetime.now(dt.UTC)
+        now = _microtime(dt.datetime.now(dt.UTC))
         try:
             lease = self.coordination.read_namespaced_lease(self.name, self.namespace, _request_timeout=5)
         except ApiException as exc:
@@ -238,7 +295,7 @@ class LeaderElector:
         try:
             lease = self.coordination.read_namespaced_lease(self.name, self.namespace, _request_timeout=3)
             if lease.spec.holder_identity == self.identity:
-                lease.spec.renew_time = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+                lease.spec.renew_time = _microtime(dt.datetime(1970, 1, 1, tzinfo=dt.UTC))
                 lease.spec.lease_duration_seconds = 1
                 self.coordination.replace_namespaced_lease(self.name, self.namespace, lease, _request_timeout=3)
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
@@ -260,8 +317,9 @@ class Publisher:
         self.requests += 1
         try:
             # The v37 client sends dict bodies as JSON Patch unless told otherwise.
-            updated = call(name, namespace, body, _request_timeout=10,
-                           _content_type="application/merge-patch+json")
+            resp = call(name, namespace, body, _request_timeout=10, _preload_content=False,
+                        _content_type="application/merge-patch+json")
+            result: dict[str, Any] = _read_json(resp)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -271,7 +329,6 @@ class Publisher:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             log.warning("Service %s/%s: API unreachable (%s)", namespace, name, type(exc).__name__)
             return None
-        result: dict[str, Any] = self.api.sanitize_for_serialization(updated)
         return result
 
     def set_finalizer(self, obj: Mapping[str, Any], present: bool) -> dict[str, Any] | None:
@@ -296,20 +353,25 @@ class Publisher:
     def event(self, obj: Mapping[str, Any], reason: Reason, message: str, warning: bool = False) -> None:
         """Best effort: a failed Event is logged and never breaks the loop."""
         meta = obj["metadata"]
-        now = dt.datetime.now(dt.UTC)
-        body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
-            involved_object=client.V1ObjectReference(kind="Service", api_version="v1", name=meta["name"],
-                                                     namespace=meta["namespace"], uid=meta.get("uid"),
-                                                     resource_version=meta.get("resourceVersion")),
-            reason=reason.value, message=message[:1024], type="Warning" if warning else "Normal",
-            source=client.V1EventSource(component=COMPONENT, host=self.identity),
-            first_timestamp=now, last_timestamp=now, count=1,
-            reporting_component=COMPONENT, reporting_instance=self.identity,
-        )
+        # A wire-format dict, not client models: the same fields, without building models for
+        # the request and deserializing the answer (which nobody reads) into more of them.
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        involved = {"kind": "Service", "apiVersion": "v1", "name": meta["name"], "namespace": meta["namespace"],
+                    "uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")}
+        body = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {k: v for k, v in involved.items() if v is not None},
+            "reason": reason.value, "message": message[:1024], "type": "Warning" if warning else "Normal",
+            "source": {"component": COMPONENT, "host": self.identity},
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "reportingComponent": COMPONENT, "reportingInstance": self.identity,
+        }
         self.requests += 1
         try:
-            self.core.create_namespaced_event(meta["namespace"], body, _request_timeout=5)
+            resp = self.core.create_namespaced_event(meta["namespace"], body, _request_timeout=5,
+                                                     _preload_content=False)
+            resp.drain_conn()  # read the answer to its end so the connection goes back to the pool
+            resp.release_conn()
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             log.info("Service %s/%s: event %s not recorded: %s", meta["namespace"], meta["name"], reason.value,
                      getattr(exc, "reason", exc))

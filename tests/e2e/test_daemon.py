@@ -256,6 +256,27 @@ def test_leader_handover_keeps_allocating_and_traffic_flows(env: dict[str, Any],
     _delete_all(core, ns, ["ha", "after"])
 
 
+def test_clean_stop_of_the_leader_hands_over_at_once(env: dict[str, Any], ns: str) -> None:
+    """SIGTERM releases the Lease: the follower takes it on its next try (every 0.5 s here), not
+    after the 4 s lease duration a crashed leader would cost."""
+    from lbappliance.testing.appliances import wait_for
+
+    core = env["core"]
+    app1, app2 = env["apps"]
+    leader_name = wait_for(lambda: _leader(core), 10, what="a leader")
+    leader, follower = (app1, app2) if leader_name == app1.name else (app2, app1)
+    wait_for(lambda: follower.metric("lbappliance_leader") == 0.0, 10, what="follower up")
+    t0 = time.monotonic()
+    leader.stop(signal.SIGTERM)
+    stopped = time.monotonic()
+    wait_for(lambda: _leader(core) == follower.name, 10, interval=0.05, what="follower taking the lease")
+    handover = time.monotonic() - stopped
+    print(f"\nclean leader stop: stop took {stopped - t0:.2f}s, lease handed over {handover:.2f}s after")
+    assert handover < 2.0, f"the Lease was not released: handover took {handover:.2f}s (lease duration 4 s)"
+    leader.start()  # back as follower for the next tests
+    wait_for(lambda: leader.metric("lbappliance_leader") == 0.0, 30, what="restarted daemon up as follower")
+
+
 def test_api_outage_keeps_traffic_and_converges_after(env: dict[str, Any], ns: str) -> None:
     core, lab, cp = env["core"], env["lab"], env["cp"]
     core.create_namespaced_service(ns, _service("steady", 30090))
