@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -123,6 +124,53 @@ def api_server_alone(core: Any, count: int) -> float:
     return seconds
 
 
+def tree_cpu() -> dict[str, float]:
+    """CPU seconds of this process's descendants by command name, including the children they
+    reaped (so each daemon's count holds its haproxy -c / keepalived -t validations)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    stats: dict[int, tuple[str, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1:text.rindex(")")]
+        fields = text[text.rindex(")") + 2:].split()
+        parents[int(entry)] = int(fields[1])
+        stats[int(entry)] = (comm, sum(int(f) for f in fields[11:15]) / tick)
+    ours = {os.getpid()}
+    changed = True
+    while changed:
+        changed = False
+        for pid, ppid in parents.items():
+            if ppid in ours and pid not in ours:
+                ours.add(pid)
+                changed = True
+    totals: dict[str, float] = {}
+    for pid in ours - {os.getpid()}:
+        comm, seconds = stats[pid]
+        label = _label(pid, comm)
+        totals[label] = totals.get(label, 0.0) + seconds
+    return totals
+
+
+def _label(pid: int, comm: str) -> str:
+    if not comm.startswith("python"):
+        return comm
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return comm
+    if b"run" in argv and b"lbappliance" in argv:
+        return "lbappliance daemons (with their haproxy -c, keepalived -t)"
+    if b"lbappliance.testing.healthserver" in argv:
+        return "lab health responders"
+    return comm
+
+
 class AddressWatch:
     """When each Service of a namespace first shows status.loadBalancer.ingress, from one watch
     of raw JSON started before the creations. (Listing all 1,000 Services through the client
@@ -183,12 +231,33 @@ class AddressWatch:
         return max(self.addressed.values())
 
 
-def burst(core: Any, ns: str, count: int) -> tuple[float, float]:
+def pass_figures(apps: tuple[Any, ...]) -> dict[str, float]:
+    """Reconcile passes, seconds spent in them and HAProxy reloads, summed over the daemons."""
+    out = {"passes": 0.0, "seconds in passes": 0.0, "reloads": 0.0}
+    for app in apps:
+        out["passes"] += app.metric("lbappliance_reconcile_total") or 0
+        out["seconds in passes"] += app.metric("lbappliance_reconcile_duration_seconds_sum") or 0
+        out["reloads"] += app.metric("lbappliance_applies_total", {"kind": "reload"}) or 0
+    return out
+
+
+def serving_all(apps: tuple[Any, ...], ns: str, count: int) -> bool:
+    """Both boxes' status.json (written after each apply) list all `count` Services of `ns`."""
+    for app in apps:
+        status = app.status() or {}
+        if sum(1 for s in status.get("services", []) if s["service"].startswith(f"{ns}/")) < count:
+            return False
+    return True
+
+
+def burst(core: Any, ns: str, count: int, apps: tuple[Any, ...]) -> tuple[float, float, float]:
+    """(all addressed, of which after the last creation, all served by both boxes), from the start."""
     addressed = AddressWatch(core, ns, count)  # watching before the first creation misses nothing
     t0 = time.time()
     created = create_burst(core, ns, count)
     total = addressed.wait(300) - t0
-    return total, total - created
+    wait_for(lambda: serving_all(apps, ns, count), 300, interval=0.25, what="both boxes serving the burst")
+    return total, total - created, time.time() - t0
 
 
 def main() -> None:
@@ -225,7 +294,9 @@ def main() -> None:
             req0 = sum(a.metric("lbappliance_api_requests") or 0 for a in (app1, app2))
             to_status, to_serving = one_by_one(core, lab, "one", args.one_by_one) if args.one_by_one else ([], [])
             req1 = sum(a.metric("lbappliance_api_requests") or 0 for a in (app1, app2))
-            burst_s, after_created = burst(core, "burst", args.burst)
+            cpu0, passes0 = tree_cpu(), pass_figures((app1, app2))
+            burst_s, after_created, served_s = burst(core, "burst", args.burst, (app1, app2))
+            cpu1, passes1 = tree_cpu(), pass_figures((app1, app2))
             req2 = sum(a.metric("lbappliance_api_requests") or 0 for a in (app1, app2))
         finally:
             app1.stop()
@@ -239,6 +310,7 @@ def main() -> None:
     rows += [
         (f"{args.burst} Services at once -> all addressed (s)", burst_s, 15.0),
         ("  of which after the API server accepted the last one (s)", after_created, None),
+        (f"{args.burst} Services at once -> served by both boxes (s)", served_s, None),
         (f"  baseline: API server alone creates {args.burst} (s)", baseline, None),
         *([("API requests per Service, one by one (both daemons)", (req1 - req0) / args.one_by_one, None)]
           if args.one_by_one else []),
@@ -248,6 +320,13 @@ def main() -> None:
     for name, value, target in rows:
         verdict = "" if target is None else ("ok" if value <= target else "OVER")
         print(f"{name:<58} {value:>8.3f} {'-' if target is None else f'{target:.2f}':>8}  {verdict}")
+    print(f"\nduring the burst of {args.burst} ({burst_s:.1f} s wall on {os.cpu_count()} CPUs)")
+    for name in passes1:
+        print(f"  {name + ' (both daemons)':<56} {passes1[name] - passes0[name]:>8.1f}")
+    spent = sorted(((cpu1[k] - cpu0.get(k, 0.0), k) for k in cpu1), reverse=True)
+    for seconds, name in spent:
+        if seconds >= 0.1:
+            print(f"  CPU s, {name:<49} {seconds:>8.1f}")
     print(json.dumps({"to_status": to_status[:5], "to_serving": to_serving[:5]}), file=sys.stderr)
 
 

@@ -48,6 +48,11 @@ EXIT_CONFIG = 78
 WRITERS = 16
 RESYNC = 5.0  # seconds between full passes when nothing changed
 MAX_DEBOUNCE = 2.0  # seconds a pass may wait for a burst of events to settle
+# An apply (validate + reload at thousands of Services: most of a box's CPU) may start only
+# APPLY_PACING x the last apply's duration after it ended, at most MAX_APPLY_GAP seconds: a
+# burst then costs a few reloads, while a quiet cluster (applies of tens of ms) waits no longer.
+APPLY_PACING = 3.0
+MAX_APPLY_GAP = 5.0
 
 
 class StartupError(Exception):
@@ -117,10 +122,14 @@ class Daemon:
         self.elector = LeaderElector(api, le.namespace, le.lease_name, self.identity, le.lease_duration,
                                      le.renew_deadline)
         self.emitted: dict[tuple[str, str], str] = {}
-        # Parallel API writes (status, finalizers) and best-effort Events off the loop's path.
+        # Parallel API writes (status, finalizers) off the loop's path; Events, best effort, go
+        # one at a time behind them so a burst's 1,000 Events never delay its addresses.
         self.writers = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="api-writer")
+        self.events = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events")
         self.last_state: DesiredState | None = None
         self.ready = False
+        self.next_apply_at = 0.0  # monotonic; see APPLY_PACING
+        self.apply_deferred = False
         self._observer: Any = None
 
     # ---- wiring ---------------------------------------------------------------------------------
@@ -183,16 +192,23 @@ class Daemon:
             # Between passes, follow health checks (UDP maps) at the check interval; a full pass
             # on every change and at least every RESYNC seconds (level-triggered).
             period = min(self.config.health_check.interval_ms / 1000, watchdog or RESYNC)
+            if self.apply_deferred:
+                period = min(period, max(0.0, self.next_apply_at - time.monotonic()))
             woke = self.flags.wake.wait(timeout=period)
             self.flags.wake.clear()
             if woke:
                 self._debounce()
             if self.flags.stop:
                 break
-            if woke or time.monotonic() - last_full >= RESYNC:
-                self._handle_reloads()
-                self.reconcile_once()
-                last_full = time.monotonic()
+            self._handle_reloads()
+            due = self.apply_deferred and time.monotonic() >= self.next_apply_at
+            if woke or due or time.monotonic() - last_full >= RESYNC:
+                # A follower's pass is all apply: while applies are paced, it just waits.
+                if self.elector.is_leader or time.monotonic() >= self.next_apply_at:
+                    self.reconcile_once()
+                    last_full = time.monotonic()
+                else:
+                    self.apply_deferred = True
             else:
                 self.dataplane.sync_health()
             systemd.notify("WATCHDOG=1")
@@ -201,6 +217,7 @@ class Daemon:
         self.elector.release()
         self.cluster.stop()
         self.writers.shutdown(wait=True, cancel_futures=True)
+        self.events.shutdown(wait=False, cancel_futures=True)
         self.dataplane.stop()
         if self._observer is not None:
             self._observer.stop()
@@ -298,7 +315,12 @@ class Daemon:
             services = self._publish(proposed, allocation, services, objects)
         served = self._published_only(allocation, services)
         state = plan(replace(snapshot, services=tuple(services)), served)
+        if time.monotonic() < self.next_apply_at:
+            self.apply_deferred = True  # published now; served by the paced apply (see run)
+            return state
+        self.apply_deferred = False
         result = self.dataplane.apply(state)
+        self.next_apply_at = time.monotonic() + min(MAX_APPLY_GAP, APPLY_PACING * result.seconds)
         self.metrics.applies.labels(result.kind).inc()
         if result.kind in ("rejected", "failed"):
             log.error("data plane %s the new config; still serving the previous one: %s", result.kind,
@@ -314,8 +336,9 @@ class Daemon:
         return state
 
     def _published_only(self, allocation: Allocation, services: list[Service]) -> Allocation:
-        """Serve only addresses already written to status: both boxes then serve the same thing."""
-        status = {s.key: s.ingress_ips for s in services}
+        """Serve only addresses already written to status, of Services carrying our finalizer:
+        both boxes then serve the same thing, and no served address can be deleted unnoticed."""
+        status = {s.key: s.ingress_ips for s in services if FINALIZER in s.finalizers}
         kept = {k: v for k, v in allocation.assignments.items() if set(v) <= set(status.get(k, ()))}
         return replace(allocation, assignments=kept)
 
@@ -338,17 +361,13 @@ class Daemon:
     def _publish_one(self, key: str, vips: tuple[str, ...], obj: dict[str, Any],
                      allocation: Allocation) -> tuple[str, ...] | None:
         publisher = self.cluster.publisher
-        with_finalizer = publisher.set_finalizer(obj, present=True)
-        if with_finalizer is None:
-            return None
-        self.cluster.services.update_local(with_finalizer)
-        after = publisher.set_ingress(with_finalizer, vips)
+        after = publisher.publish(obj, vips)
         if after is None:
             return None
         self.cluster.services.update_local(after)
         if _ingress_of(obj) != vips:
             pools = sorted({allocation.pool_of.get(v, "?") for v in vips})
-            self.writers.submit(publisher.event, after, Reason.ALLOCATED,
+            self.events.submit(publisher.event, after, Reason.ALLOCATED,
                                 f"Assigned {', '.join(vips)} from pool {', '.join(pools)}")
         return tuple(after["metadata"].get("finalizers") or ())
 
@@ -362,7 +381,7 @@ class Daemon:
             log.warning("Service %s: %s: %s", problem.service, problem.reason.value, problem.message)
             obj = objects.get(problem.service)
             if obj is not None:
-                self.writers.submit(self.cluster.publisher.event, obj, problem.reason, problem.message, True)
+                self.events.submit(self.cluster.publisher.event, obj, problem.reason, problem.message, True)
         self.emitted = current
 
     def _cleanup(self, state: DesiredState, services: list[Service], objects: dict[str, dict[str, Any]]) -> None:
@@ -386,8 +405,8 @@ class Daemon:
             done = publisher.set_finalizer(obj, present=False)
             if done is not None:
                 self.cluster.services.update_local(done)
-                publisher.event(done, Reason.RELEASED,
-                                f"Released {', '.join(service.ingress_ips) or 'no address'}")
+                self.events.submit(publisher.event, done, Reason.RELEASED,
+                                   f"Released {', '.join(service.ingress_ips) or 'no address'}")
 
     @staticmethod
     def _shared_with_others(ip: str, service: Service, state: DesiredState) -> bool:

@@ -311,6 +311,7 @@ class Publisher:
         self.api = api
         self.identity = identity
         self.requests = 0
+        self.status_takes_finalizers = True  # see publish()
 
     def _patch(self, namespace: str, name: str, body: dict[str, Any], status: bool = False) -> dict[str, Any] | None:
         call = self.core.patch_namespaced_service_status if status else self.core.patch_namespaced_service
@@ -340,6 +341,32 @@ class Publisher:
         # resourceVersion makes this a compare-and-swap: a concurrent edit fails instead of being lost.
         body = {"metadata": {"finalizers": finalizers, "resourceVersion": meta.get("resourceVersion")}}
         return self._patch(meta["namespace"], meta["name"], body)
+
+    def publish(self, obj: Mapping[str, Any], ips: tuple[str, ...]) -> dict[str, Any] | None:
+        """Finalizer and addresses, in one write when the finalizer is missing.
+
+        The status subresource of a Service also takes metadata.finalizers (checked against
+        kube-apiserver 1.34), and resourceVersion makes the write a compare-and-swap. One write
+        instead of two per new Service is a third fewer API writes in a burst, and the finalizer
+        can never be missing while an address is published. An API server that drops the
+        metadata part is noticed on its answer: the finalizer follows in its own write, and from
+        then on goes first, as a separate write.
+        """
+        meta = obj["metadata"]
+        finalizers = list(meta.get("finalizers") or [])
+        if FINALIZER in finalizers:
+            return self.set_ingress(obj, ips)
+        if not self.status_takes_finalizers:
+            with_finalizer = self.set_finalizer(obj, present=True)
+            return None if with_finalizer is None else self.set_ingress(with_finalizer, ips)
+        body = {"metadata": {"finalizers": [*finalizers, FINALIZER], "resourceVersion": meta.get("resourceVersion")},
+                "status": {"loadBalancer": {"ingress": [{"ip": ip, "ipMode": "Proxy"} for ip in ips]}}}
+        after = self._patch(meta["namespace"], meta["name"], body, status=True)
+        if after is None or FINALIZER in (after["metadata"].get("finalizers") or []):
+            return after
+        log.warning("this API server ignores finalizers written with status; writing them separately")
+        self.status_takes_finalizers = False
+        return self.set_finalizer(after, present=True)
 
     def set_ingress(self, obj: Mapping[str, Any], ips: tuple[str, ...]) -> dict[str, Any] | None:
         meta = obj["metadata"]

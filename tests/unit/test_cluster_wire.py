@@ -228,3 +228,50 @@ def test_release_sends_a_renew_time_the_api_server_parses() -> None:
     assert method == "PUT" and sent["spec"]["leaseDurationSeconds"] == 1
     assert re.fullmatch(r"1970-01-01T00:00:00\.\d{6}(Z|\+00:00)", sent["spec"]["renewTime"]), sent["spec"]
     assert not elector.is_leader
+
+
+FIN = "service.kubernetes.io/load-balancer-cleanup"
+
+
+def _served(rv: str, finalizers: list[str], ips: list[str]) -> dict[str, Any]:
+    return svc("a", rv, metadata={"name": "a", "namespace": "ns", "resourceVersion": rv, "finalizers": finalizers},
+               status={"loadBalancer": {"ingress": [{"ip": ip, "ipMode": "Proxy"} for ip in ips]}})
+
+
+def test_publish_writes_finalizer_and_status_in_one_compare_and_swap() -> None:
+    after = _served("11", ["other.io/x", FIN], ["192.0.2.10"])
+    pool = FakePool([(200, json.dumps(after).encode())])
+    pub = Publisher(api_with(pool), "app1")
+    new = svc("a", "10", metadata={"name": "a", "namespace": "ns", "resourceVersion": "10",
+                                   "finalizers": ["other.io/x"]})
+    assert pub.publish(new, ("192.0.2.10",)) == after
+    [(method, url, sent)] = pool.requests
+    assert method == "PATCH" and url.endswith("/api/v1/namespaces/ns/services/a/status")
+    assert sent == {"metadata": {"finalizers": ["other.io/x", FIN], "resourceVersion": "10"},
+                    "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.10", "ipMode": "Proxy"}]}}}
+
+
+def test_publish_with_the_finalizer_in_place_writes_only_the_status() -> None:
+    pool = FakePool([(200, json.dumps(_served("12", [FIN], ["192.0.2.11"])).encode())])
+    pub = Publisher(api_with(pool), "app1")
+    pub.publish(_served("11", [FIN], ["192.0.2.10"]), ("192.0.2.11",))
+    [(_, url, sent)] = pool.requests
+    assert url.endswith("/status") and sent == {"status": {"loadBalancer": {"ingress": [
+        {"ip": "192.0.2.11", "ipMode": "Proxy"}]}}}
+
+
+def test_publish_falls_back_to_finalizer_first_when_status_drops_metadata() -> None:
+    """An API server that ignores metadata on /status: the finalizer follows at once, and later
+    Services get it first, in its own write."""
+    pool = FakePool([(200, json.dumps(_served("11", [], ["192.0.2.10"])).encode()),
+                     (200, json.dumps(_served("12", [FIN], ["192.0.2.10"])).encode()),
+                     (200, json.dumps(svc("b", "21", metadata={"name": "b", "namespace": "ns", "resourceVersion": "21",
+                                                                "finalizers": [FIN]})).encode()),
+                     (200, json.dumps(_served("22", [FIN], ["192.0.2.11"])).encode())])
+    pub = Publisher(api_with(pool), "app1")
+    first = pub.publish(svc("a", "10"), ("192.0.2.10",))
+    assert first is not None and FIN in first["metadata"]["finalizers"]
+    assert not pub.status_takes_finalizers
+    pub.publish(svc("b", "20"), ("192.0.2.11",))
+    urls = [url.split("/services/")[1] for _, url, _ in pool.requests]
+    assert urls == ["a/status", "a", "b", "b/status"]
