@@ -165,7 +165,8 @@ def _label(pid: int, comm: str) -> str:
     except OSError:
         return comm
     if b"run" in argv and b"lbappliance" in argv:
-        return "lbappliance daemons (with their haproxy -c, keepalived -t)"
+        identity = argv[argv.index(b"--identity") + 1].decode() if b"--identity" in argv else "?"
+        return f"lbappliance daemon {identity} (with its haproxy -c, keepalived -t)"
     if b"lbappliance.testing.healthserver" in argv:
         return "lab health responders"
     return comm
