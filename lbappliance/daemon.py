@@ -49,10 +49,17 @@ WRITERS = 16
 RESYNC = 5.0  # seconds between full passes when nothing changed
 MAX_DEBOUNCE = 2.0  # seconds a pass may wait for a burst of events to settle
 # An apply (validate + reload at thousands of Services: most of a box's CPU) may start only
-# APPLY_PACING x the last apply's duration after it ended, at most MAX_APPLY_GAP seconds: a
-# burst then costs a few reloads, while a quiet cluster (applies of tens of ms) waits no longer.
+# APPLY_PACING x the part of the last apply's duration beyond FREE_APPLY after it ended, at
+# most MAX_APPLY_GAP seconds: a burst then costs a few reloads, while a change to a small or
+# quiet cluster (applies well under FREE_APPLY) is served at once.
 APPLY_PACING = 3.0
+FREE_APPLY = 0.2
 MAX_APPLY_GAP = 5.0
+
+
+def apply_gap(apply_seconds: float) -> float:
+    """Seconds the next apply waits after one that took `apply_seconds` (see APPLY_PACING)."""
+    return min(MAX_APPLY_GAP, APPLY_PACING * max(0.0, apply_seconds - FREE_APPLY))
 
 
 class StartupError(Exception):
@@ -320,7 +327,7 @@ class Daemon:
             return state
         self.apply_deferred = False
         result = self.dataplane.apply(state)
-        self.next_apply_at = time.monotonic() + min(MAX_APPLY_GAP, APPLY_PACING * result.seconds)
+        self.next_apply_at = time.monotonic() + apply_gap(result.seconds)
         self.metrics.applies.labels(result.kind).inc()
         if result.kind in ("rejected", "failed"):
             log.error("data plane %s the new config; still serving the previous one: %s", result.kind,
