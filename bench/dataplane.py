@@ -204,8 +204,8 @@ def scale(lab: NetworkLab, work: Path) -> list[Row]:
     # longer need an fd per check (~36k before, over this container's 20,000 limit); 5,000 x 1
     # stays for comparison with the earlier figure.
     for count, servers in ((1000, all_servers), (5000, all_servers[:1]), (5000, all_servers)):
-        config = appliance_config(work / f"scale{count}x{len(servers)}", "app1", priority=150, src="192.0.2.2", peer="192.0.2.3",
-                                  check_ms=60000)
+        config = appliance_config(work / f"scale{count}x{len(servers)}", "app1", priority=150, src="192.0.2.2",
+                                  peer="192.0.2.3", check_ms=60000)
         config = config.model_copy(update={"haproxy": config.haproxy.model_copy(update={"maxconn": 500})})
         paths = config.paths
         Path(paths.state_dir).mkdir(parents=True, exist_ok=True)
