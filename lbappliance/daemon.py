@@ -375,7 +375,7 @@ class Daemon:
         if _ingress_of(obj) != vips:
             pools = sorted({allocation.pool_of.get(v, "?") for v in vips})
             self.events.submit(publisher.event, after, Reason.ALLOCATED,
-                                f"Assigned {', '.join(vips)} from pool {', '.join(pools)}")
+                               f"Assigned {', '.join(vips)} from pool {', '.join(pools)}")
         return tuple(after["metadata"].get("finalizers") or ())
 
     def _emit_problems(self, problems: tuple[Problem, ...], objects: dict[str, dict[str, Any]]) -> None:
