@@ -125,6 +125,8 @@ def _udp_answered(lab: Any, vip: str, port: int, n: int = 20, timeout: float = 1
 
 
 def test_udp_echo_and_dns_services_answer_through_their_vips(env: dict[str, Any], ns: str) -> None:
+    from lbappliance.testing.appliances import wait_for
+
     core, lab = env["core"], env["lab"]
     core.create_namespaced_service(ns, _svc("echo", [("UDP", 7, ECHO_NODE_PORT)]))
     core.create_namespaced_service(ns, _svc("dns", [("UDP", 53, DNS_NODE_PORT), ("TCP", 53, DNS_NODE_PORT)]))
@@ -138,8 +140,11 @@ def test_udp_echo_and_dns_services_answer_through_their_vips(env: dict[str, Any]
     assert set(echo) <= nodes and sum(echo.values()) == 20
     assert set(dns) <= nodes and sum(dns.values()) == 20
     assert tcp in nodes
-    # The UDP-only Service counts as served: its VIP is carried by VRRP on exactly one box.
-    assert sum(echo_vip in held for held in _owners(env, [echo_vip]).values()) == 1
+    # The UDP-only Service counts as served: its VIP is carried by VRRP on exactly one box. Waited
+    # for, not sampled once: under CI load one run saw no box holding it at a single instant
+    # (not reproduced alone; keepalived reloads do not withdraw held VIPs, see test_dataplane).
+    wait_for(lambda: sum(echo_vip in held for held in _owners(env, [echo_vip]).values()) == 1, 15,
+             what=f"{echo_vip} held by exactly one box")
     svc = core.read_namespaced_service("echo", ns)
     assert "service.kubernetes.io/load-balancer-cleanup" in (svc.metadata.finalizers or [])
     for name in ("echo", "dns"):

@@ -345,6 +345,31 @@ def test_one_check_per_node_however_many_services(served_lab: NetworkLab,
     assert wait_for(lambda: set(dp.server_health().values()) == {"UP"}, 5)
 
 
+def test_keepalived_reloads_for_other_vips_never_withdraw_a_held_one(
+        served_lab: NetworkLab, plane: tuple[DataPlane, ApplianceConfig]) -> None:
+    """Adding and removing another Service's VIP reloads keepalived; the VIP it already holds must
+    not leave the interface even for an instant (watched with `ip monitor address`)."""
+    dp, config = plane
+    nodes = lab_nodes(served_lab)
+    other = replace(web_service(vip=VIP2, port=81), name="other")
+    monitor = subprocess.Popen(["ip", "netns", "exec", served_lab.host("app1").netns, "ip", "-o", "monitor", "address"],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)
+        for i in range(10):
+            result = dp.apply(lab_state(config, [web_service(), other] if i % 2 == 0 else [web_service()], nodes))
+            assert result.keepalived_reloaded, result
+            time.sleep(0.5)
+        assert wait_for(lambda: VIP2 not in served_lab.exec("app1", ["ip", "-o", "addr"]).stdout, 5)
+    finally:
+        monitor.terminate()
+        events, _ = monitor.communicate(timeout=5)
+    assert f" {VIP2}/" in events, "the other VIP never came and went: the test saw no reload effect"
+    withdrawn = [line for line in events.splitlines() if line.startswith("Deleted") and f" {VIP}/" in line]
+    assert not withdrawn, withdrawn
+    assert served_lab.http_get("client", f"http://{VIP}/", timeout=2)[0] == 200
+
+
 def test_local_policy_only_nodes_with_endpoints(served_lab: NetworkLab, plane: tuple[DataPlane, ApplianceConfig]) -> None:
     dp, config = plane
     local = Service("default", "local", creation="2", ports=(ServicePort("http", "TCP", 81, LOCAL_NODE_PORT),),
