@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from .health import health_monitors
+from .health import health_monitors, service_backends
 from .models import Backend, DesiredState, Frontend, UdpForward
 from .render import server_options, server_target
 
@@ -66,10 +66,7 @@ def _skeleton(frontend: Frontend) -> Frontend:
 
 def _backends(state: DesiredState) -> dict[str, Backend]:
     """Every HAProxy backend: behind frontends, the UDP forwards' check-only ones, and the monitors."""
-    out = {f.backend.name: f.backend for f in state.frontends}
-    out.update((u.backend.name, u.backend) for u in state.udp)
-    out.update((m.name, m) for m in health_monitors(state))
-    return out
+    return {b.name: b for b in (*service_backends(state), *health_monitors(state))}
 
 
 def _udp_skeleton(forward: UdpForward) -> UdpForward:

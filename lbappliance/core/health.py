@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .models import Backend, DesiredState, Server, parse_address
+from .models import Backend, DesiredState, Server, family_of, parse_address
 
 MONITOR_PREFIX = "hc_"
 
@@ -26,6 +26,7 @@ def family_tag(address: str) -> str:
 def monitor_name(check_port: int, server: Server) -> str:
     """The monitor backend checking `server`'s node on `check_port` (per address family)."""
     return f"{MONITOR_PREFIX}{check_port}_{family_tag(server.address)}"
+
 
 
 def is_monitor_name(backend: str) -> bool:
@@ -48,7 +49,7 @@ def health_monitors(state: DesiredState) -> tuple[Backend, ...]:
 
 def monitors_for(backends: Iterable[Backend]) -> tuple[Backend, ...]:
     members: dict[str, dict[str, Server]] = {}
-    paths: dict[str, tuple[int, str]] = {}
+    first: dict[str, tuple[Backend, Server]] = {}  # what names the monitor: check port, path, family
     seen: set[tuple[int, int]] = set()
     for backend in backends:
         # Backends share their server tuples (one per family and pass): visit each combination once.
@@ -58,12 +59,10 @@ def monitors_for(backends: Iterable[Backend]) -> tuple[Backend, ...]:
         for server in backend.servers:
             name = monitor_name(backend.check_port, server)
             members.setdefault(name, {})[server.name] = server
-            paths[name] = (backend.check_port, backend.check_path)
-    monitors = []
-    for name in sorted(members):
-        port, path = paths[name]
-        servers = tuple(sorted(members[name].values()))
-        family = "IPv4" if name.endswith("_v4") else "IPv6"
-        monitors.append(Backend(name=name, servers=servers, port=port, check_port=port, check_path=path,
-                                proxy_protocol=None, affinity_timeout=None, family=family))
-    return tuple(monitors)
+            first.setdefault(name, (backend, server))
+    return tuple(
+        Backend(name=name, servers=tuple(sorted(members[name].values())), port=backend.check_port,
+                check_port=backend.check_port, check_path=backend.check_path, proxy_protocol=None,
+                affinity_timeout=None, family=family_of(parse_address(server.address)))
+        for name, (backend, server) in sorted(first.items())
+    )

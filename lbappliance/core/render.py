@@ -36,18 +36,16 @@ def _environment() -> jinja2.Environment:
 def server_options(backend: Backend) -> str:
     """Options of a server that checks for itself: monitors' servers, and the ones `add server`
     creates at runtime (HAProxy cannot make those track a monitor)."""
-    options = ["check", "port", str(backend.check_port)]
-    if backend.proxy_protocol:
-        options.append(backend.proxy_protocol)
-    return " ".join(options)
+    return _with_proxy_protocol(backend, f"check port {backend.check_port}")
 
 
 def tracking_options(backend: Backend, server: Server) -> str:
     """Options of a rendered Service server: it follows its node's monitor instead of checking."""
-    options = ["track", f"{monitor_name(backend.check_port, server)}/{server.name}"]
-    if backend.proxy_protocol:
-        options.append(backend.proxy_protocol)
-    return " ".join(options)
+    return _with_proxy_protocol(backend, f"track {monitor_name(backend.check_port, server)}/{server.name}")
+
+
+def _with_proxy_protocol(backend: Backend, options: str) -> str:
+    return f"{options} {backend.proxy_protocol}" if backend.proxy_protocol else options
 
 
 def server_defaults(health: HealthCheckConfig) -> str:
