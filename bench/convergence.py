@@ -31,6 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lbappliance.edges.cluster import stream_lines  # noqa: E402
 from lbappliance.testing.appliances import make_pair, node_objects, pools_yaml, wait_for  # noqa: E402
 
 WAITER = r"""
@@ -203,24 +204,20 @@ class AddressWatch:
             self.done.set()
 
     def _follow(self, resp: Any) -> None:
-        pending = b""
-        for chunk in resp.stream(amt=None):
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in filter(bytes.strip, lines):
-                event = json.loads(line)
-                obj = event["object"]
-                if event["type"] == "ERROR":
-                    raise RuntimeError(f"watch of namespace {self.ns} failed: {obj}")
-                meta = obj["metadata"]
-                self.version = meta["resourceVersion"]
-                name = meta.get("name")
-                if (event["type"] in ("ADDED", "MODIFIED") and name not in self.addressed
-                        and ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress")):
-                    self.addressed[name] = time.time()
-                    if len(self.addressed) >= self.count:
-                        self.done.set()
-                        return
+        for line in stream_lines(resp):
+            event = json.loads(line)
+            obj = event["object"]
+            if event["type"] == "ERROR":
+                raise RuntimeError(f"watch of namespace {self.ns} failed: {obj}")
+            meta = obj["metadata"]
+            self.version = meta["resourceVersion"]
+            name = meta.get("name")
+            if (event["type"] in ("ADDED", "MODIFIED") and name not in self.addressed
+                    and ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress")):
+                self.addressed[name] = time.time()
+                if len(self.addressed) >= self.count:
+                    self.done.set()
+                    return
 
     def wait(self, timeout: float) -> float:
         """The time the last of `count` Services got its address."""

@@ -53,7 +53,7 @@ def _read_json(resp: Any) -> Any:
         resp.release_conn()
 
 
-def _lines(resp: Any) -> Iterator[bytes]:
+def stream_lines(resp: Any) -> Iterator[bytes]:
     """The non-empty newline-separated lines of a streamed (watch) response."""
     pending = b""
     for chunk in resp.stream(amt=None):
@@ -62,6 +62,11 @@ def _lines(resp: Any) -> Iterator[bytes]:
         yield from (line for line in lines if line.strip())
     if pending.strip():
         yield pending
+
+
+def _ingress(ips: tuple[str, ...]) -> list[dict[str, str]]:
+    """status.loadBalancer.ingress for `ips`: the appliance proxies, so ipMode is Proxy."""
+    return [{"ip": ip, "ipMode": "Proxy"} for ip in ips]
 
 
 def _key(obj: Mapping[str, Any]) -> str:
@@ -75,7 +80,6 @@ class Informer:
 
     name: str
     list_call: Callable[..., Any]
-    api: client.ApiClient
     on_change: Callable[[], None]
     watch_timeout: int = 240
     cache: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -168,7 +172,7 @@ class Informer:
         try:
             if self._stop.is_set():  # stop() ran before the response existed
                 return version
-            for line in _lines(resp):
+            for line in stream_lines(resp):
                 event = json.loads(line)
                 kind = event.get("type")
                 raw = event.get("object") or {}
@@ -308,7 +312,6 @@ class Publisher:
 
     def __init__(self, api: client.ApiClient, identity: str) -> None:
         self.core = client.CoreV1Api(api)
-        self.api = api
         self.identity = identity
         self.requests = 0
         self.status_takes_finalizers = True  # see publish()
@@ -360,7 +363,7 @@ class Publisher:
             with_finalizer = self.set_finalizer(obj, present=True)
             return None if with_finalizer is None else self.set_ingress(with_finalizer, ips)
         body = {"metadata": {"finalizers": [*finalizers, FINALIZER], "resourceVersion": meta.get("resourceVersion")},
-                "status": {"loadBalancer": {"ingress": [{"ip": ip, "ipMode": "Proxy"} for ip in ips]}}}
+                "status": {"loadBalancer": {"ingress": _ingress(ips)}}}
         after = self._patch(meta["namespace"], meta["name"], body, status=True)
         if after is None or FINALIZER in (after["metadata"].get("finalizers") or []):
             return after
@@ -370,7 +373,7 @@ class Publisher:
 
     def set_ingress(self, obj: Mapping[str, Any], ips: tuple[str, ...]) -> dict[str, Any] | None:
         meta = obj["metadata"]
-        ingress = [{"ip": ip, "ipMode": "Proxy"} for ip in ips]
+        ingress = _ingress(ips)
         current = ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
         if [{"ip": i.get("ip"), "ipMode": i.get("ipMode")} for i in current] == ingress:
             return dict(obj)
@@ -409,8 +412,8 @@ class Cluster:
 
     def __init__(self, api: client.ApiClient, on_change: Callable[[], None], identity: str) -> None:
         core = client.CoreV1Api(api)
-        self.services = Informer("services", core.list_service_for_all_namespaces, api, on_change)
-        self.nodes = Informer("nodes", core.list_node, api, on_change)
+        self.services = Informer("services", core.list_service_for_all_namespaces, on_change)
+        self.nodes = Informer("nodes", core.list_node, on_change)
         self.publisher = Publisher(api, identity)
 
     def start(self) -> None:

@@ -75,7 +75,7 @@ def svc(name: str, rv: str, **extra: Any) -> dict[str, Any]:
 def informer(pool: FakePool) -> tuple[Informer, list[int]]:
     api = api_with(pool)
     changes: list[int] = []
-    inf = Informer("services", client.CoreV1Api(api).list_service_for_all_namespaces, api,
+    inf = Informer("services", client.CoreV1Api(api).list_service_for_all_namespaces,
                    lambda: changes.append(1))
     return inf, changes
 
