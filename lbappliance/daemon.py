@@ -208,10 +208,10 @@ class Daemon:
             if self.flags.stop:
                 break
             self._handle_reloads()
-            due = self.apply_deferred and time.monotonic() >= self.next_apply_at
+            due = self.apply_deferred and self._apply_due()
             if woke or due or time.monotonic() - last_full >= RESYNC:
                 # A follower's pass is all apply: while applies are paced, it just waits.
-                if self.elector.is_leader or time.monotonic() >= self.next_apply_at:
+                if self.elector.is_leader or self._apply_due():
                     self.reconcile_once()
                     last_full = time.monotonic()
                 else:
@@ -229,6 +229,9 @@ class Daemon:
         if self._observer is not None:
             self._observer.stop()
         return 0
+
+    def _apply_due(self) -> bool:
+        return time.monotonic() >= self.next_apply_at
 
     def _debounce(self) -> None:
         """Let a burst of events settle, but never delay a pass by more than MAX_DEBOUNCE.
@@ -322,7 +325,7 @@ class Daemon:
             services = self._publish(proposed, allocation, services, objects)
         served = self._published_only(allocation, services)
         state = plan(replace(snapshot, services=tuple(services)), served)
-        if time.monotonic() < self.next_apply_at:
+        if not self._apply_due():
             self.apply_deferred = True  # published now; served by the paced apply (see run)
             return state
         self.apply_deferred = False
