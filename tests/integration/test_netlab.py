@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from lbappliance.testing import netlab
+from lbappliance.testing.appliances import wait_for
 from lbappliance.testing.netlab import LabBusyError, NetworkLab, cleanup_stale
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -294,6 +295,9 @@ def test_vip_on_appliance_is_reached_by_arp_and_nd(lab: NetworkLab, tmp_path: Pa
     try:
         lab.exec(app, ["ip", "addr", "add", f"{vip4}/32", "dev", "eth0"])
         lab.exec(app, ["ip", "addr", "add", f"{vip6}/128", "dev", "eth0", "nodad"])
+        # haproxy binds a moment after it is spawned; sample only once it answers on both families.
+        for url in (f"http://{vip4}/", f"http://[{vip6}]/"):
+            wait_for(lambda url=url: lab.http_get("client", url)[0] == 200, timeout=10, what=f"haproxy on {url}")
         seen4 = {lab.http_get("client", f"http://{vip4}/")[1] for _ in range(6)}
         seen6 = {lab.http_get("client", f"http://[{vip6}]/")[1] for _ in range(6)}
         assert seen4 == seen6 == {f"{n.name}\n" for n in lab.nodes}
