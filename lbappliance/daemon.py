@@ -23,7 +23,7 @@ from typing import Any
 
 from .core.config import ApplianceConfig, ConfigError, load_pools, parse_config
 from .core.ipam import allocate
-from .core.kube import is_handled, needs_cleanup, parse_objects
+from .core.kube import ParsedObjects, is_handled, needs_cleanup
 from .core.models import (
     FINALIZER,
     Allocation,
@@ -39,6 +39,7 @@ from .core.plan import Snapshot, plan
 from .edges import systemd
 from .edges.apply import DataPlane
 from .edges.cluster import Cluster, LeaderElector, api_client_from_kubeconfig
+from .edges.events import DeferredEvents
 from .edges.files import atomic_write, read_text
 from .edges.haproxy import HaproxyError
 from .edges.metrics import Metrics
@@ -129,10 +130,12 @@ class Daemon:
         self.elector = LeaderElector(api, le.namespace, le.lease_name, self.identity, le.lease_duration,
                                      le.renew_deadline)
         self.emitted: dict[tuple[str, str], str] = {}
-        # Parallel API writes (status, finalizers) off the loop's path; Events, best effort, go
-        # one at a time behind them so a burst's 1,000 Events never delay its addresses.
+        self.parsed_services, self.parsed_nodes = ParsedObjects("Service"), ParsedObjects("Node")
+        # Parallel API writes (status, finalizers) off the loop's path; Events, best effort, wait
+        # until a pass has nothing left to publish, so a burst's 1,000 Events never delay its addresses.
         self.writers = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="api-writer")
-        self.events = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events")
+        self.events = DeferredEvents(self.cluster.publisher.event)
+        self.metrics.api_requests.set_function(lambda: self.cluster.requests)  # Events land between passes
         self.last_state: DesiredState | None = None
         self.ready = False
         self.next_apply_at = 0.0  # monotonic; see APPLY_PACING
@@ -224,7 +227,7 @@ class Daemon:
         self.elector.release()
         self.cluster.stop()
         self.writers.shutdown(wait=True, cancel_futures=True)
-        self.events.shutdown(wait=False, cancel_futures=True)
+        self.events.close(timeout=1.0)
         self.dataplane.stop()
         if self._observer is not None:
             self._observer.stop()
@@ -291,7 +294,7 @@ class Daemon:
 
     def _services(self) -> tuple[list[Service], dict[str, dict[str, Any]]]:
         objects = self.cluster.services.items()
-        services, errors = parse_objects(objects, "Service")
+        services, errors = self.parsed_services.parse(objects)
         for error in errors:
             log.warning("ignoring unreadable object: %s", error)
         by_key = {f"{o['metadata']['namespace']}/{o['metadata']['name']}": o for o in objects}
@@ -313,7 +316,7 @@ class Daemon:
 
     def _pass(self) -> DesiredState:
         services, objects = self._services()
-        nodes, node_errors = parse_objects(self.cluster.nodes.items(), "Node")
+        nodes, node_errors = self.parsed_nodes.parse(self.cluster.nodes.items())
         for error in node_errors:
             log.warning("ignoring unreadable object: %s", error)
         cls = self.config.cluster.load_balancer_class
@@ -362,6 +365,10 @@ class Daemon:
         by_key = {s.key: s for s in services}
         work = [(key, vips, objects[key]) for key, vips in proposed.served.items()
                 if key in objects and _needs_write(objects[key], vips)]
+        if work:
+            self.events.hold()
+        else:
+            self.events.release()
         results = list(self.writers.map(lambda item: self._publish_one(*item, allocation), work))
         updated = {key: replace(by_key[key], ingress_ips=vips, finalizers=finalizers)
                    for (key, vips, _), finalizers in zip(work, results, strict=True) if finalizers is not None}
@@ -377,7 +384,7 @@ class Daemon:
         self.cluster.services.update_local(after)
         if _ingress_of(obj) != vips:
             pools = sorted({allocation.pool_of.get(v, "?") for v in vips})
-            self.events.submit(publisher.event, after, Reason.ALLOCATED,
+            self.events.submit(after, Reason.ALLOCATED,
                                f"Assigned {', '.join(vips)} from pool {', '.join(pools)}")
         return tuple(after["metadata"].get("finalizers") or ())
 
@@ -391,7 +398,7 @@ class Daemon:
             log.warning("Service %s: %s: %s", problem.service, problem.reason.value, problem.message)
             obj = objects.get(problem.service)
             if obj is not None:
-                self.events.submit(self.cluster.publisher.event, obj, problem.reason, problem.message, True)
+                self.events.submit(obj, problem.reason, problem.message, True)
         self.emitted = current
 
     def _cleanup(self, state: DesiredState, services: list[Service], objects: dict[str, dict[str, Any]]) -> None:
@@ -415,7 +422,7 @@ class Daemon:
             done = publisher.set_finalizer(obj, present=False)
             if done is not None:
                 self.cluster.services.update_local(done)
-                self.events.submit(publisher.event, done, Reason.RELEASED,
+                self.events.submit(done, Reason.RELEASED,
                                    f"Released {', '.join(service.ingress_ips) or 'no address'}")
 
     @staticmethod
@@ -429,7 +436,6 @@ class Daemon:
             self.metrics.problems.labels(reason.value).set(sum(1 for p in state.problems if p.reason == reason))
         vrrp = self.dataplane.vrrp_states()
         self.metrics.record_vrrp(vrrp)
-        self.metrics.api_requests.set(self.cluster.requests)
         with contextlib.suppress(OSError, HaproxyError):  # HAProxy may be down; metrics must not fail a pass
             self.metrics.old_workers.set(len(self.dataplane.old_workers()))
         write_status(Path(self.config.paths.state_dir) / "status.json",

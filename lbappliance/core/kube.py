@@ -140,14 +140,42 @@ def parse_objects(
     objects: Iterable[Mapping[str, Any]], kind: str
 ) -> tuple[list[Service] | list[Node], list[str]]:
     """Parse every object of `kind`, collecting an error per unreadable one instead of stopping."""
-    parsed: list[Any] = []
-    errors: list[str] = []
-    convert = service_from_object if kind == "Service" else node_from_object
-    for obj in objects:
-        if obj.get("kind", kind) != kind:
-            continue
+    return ParsedObjects(kind).parse(objects)
+
+
+class ParsedObjects:
+    """`parse_objects` over successive snapshots: an object is read again only when its uid or
+    resourceVersion changed, so a pass over 1,000 unchanged Services costs 1,000 dict lookups.
+
+    Only the last snapshot's results are kept; the models are frozen, so sharing them is safe.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._convert = service_from_object if kind == "Service" else node_from_object
+        self._last: dict[tuple[str, str], Service | Node | str] = {}
+
+    def parse(self, objects: Iterable[Mapping[str, Any]]) -> tuple[list[Any], list[str]]:
+        parsed: list[Any] = []
+        errors: list[str] = []
+        seen: dict[tuple[str, str], Service | Node | str] = {}
+        for obj in objects:
+            if obj.get("kind", self.kind) != self.kind:
+                continue
+            meta = obj.get("metadata") or {}
+            uid, version = meta.get("uid"), meta.get("resourceVersion")
+            key = (uid, version) if isinstance(uid, str) and isinstance(version, str) else None
+            result = self._last.get(key) if key else None
+            if result is None:
+                result = self._read(obj)
+            if key:
+                seen[key] = result
+            (errors if isinstance(result, str) else parsed).append(result)
+        self._last = seen
+        return parsed, errors
+
+    def _read(self, obj: Mapping[str, Any]) -> Service | Node | str:
         try:
-            parsed.append(convert(obj))
+            return self._convert(obj)
         except (ObjectError, AttributeError, TypeError) as exc:
-            errors.append(str(exc))
-    return parsed, errors
+            return str(exc)

@@ -156,8 +156,9 @@ def test_create_update_delete_lifecycle(env: dict[str, Any], ns: str) -> None:
         {"name": "q", "port": 8081, "targetPort": 8080, "nodePort": 30091, "protocol": "TCP"}]}})
     assert _answered(lab, vip, 8081)
     assert _ingress(core, ns, "life") == [vip]
-    events = core.list_namespaced_event(ns, field_selector="involvedObject.name=life").items
-    assert any(e.reason == "IPAllocated" for e in events)
+    # Events follow the status writes (they wait for a pass with nothing left to publish).
+    wait_for(lambda: any(e.reason == "IPAllocated" for e in core.list_namespaced_event(
+        ns, field_selector="involvedObject.name=life").items), 10, what="IPAllocated event")
     # Delete: finalizer removed by the leader after the VIP is withdrawn, object gone, address reusable.
     core.delete_namespaced_service("life", ns)
 
@@ -170,6 +171,8 @@ def test_create_update_delete_lifecycle(env: dict[str, Any], ns: str) -> None:
 
     wait_for(gone, 15, what="finalizer removal")
     wait_for(lambda: _get(lab, vip, 80, timeout=1)[0] == 0, 10, what="VIP withdrawn")
+    wait_for(lambda: any(e.reason == "IPReleased" and vip in e.message for e in core.list_namespaced_event(
+        ns, field_selector="involvedObject.name=life").items), 10, what="IPReleased event")
     core.create_namespaced_service(ns, _service("again", 30092, annotations={
         "lbappliance.io/load-balancer-ips": vip}))
     assert _wait_ingress(core, ns, "again") == [vip]

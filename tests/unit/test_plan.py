@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lbappliance.core.kube import parse_objects, service_from_object
+from lbappliance.core.kube import ParsedObjects, parse_objects, service_from_object
 from lbappliance.core.models import ANN_PROXY, Reason, Service, ServicePort
 from lbappliance.core.plan import Snapshot, desired_state
 
@@ -109,3 +109,26 @@ def test_wire_format_objects_parse_and_bad_ones_are_named() -> None:
     bad = {"kind": "Service", "metadata": {"name": "x", "namespace": "default"}, "spec": {"ports": [{"port": 0}]}}
     parsed, errors = parse_objects([obj, bad], "Service")
     assert len(parsed) == 1 and errors == ["Service default/x: spec.ports[0].port must be 1-65535, got 0"]
+
+
+def _svc(name: str, version: str, port: int = 80) -> dict[str, object]:
+    return {"metadata": {"name": name, "namespace": "default", "uid": f"uid-{name}", "resourceVersion": version},
+            "spec": {"type": "LoadBalancer", "ports": [{"port": port, "nodePort": 30080}]}}
+
+
+def test_parsed_objects_reread_only_what_changed() -> None:
+    cache = ParsedObjects("Service")
+    first, _ = cache.parse([_svc("a", "1"), _svc("b", "1")])
+    second, _ = cache.parse([_svc("a", "1"), _svc("b", "2", port=8080)])
+    assert second[0] is first[0]  # same uid and resourceVersion: the model from the last pass
+    assert second[1] is not first[1] and second[1].ports[0].port == 8080
+    # Unreadable objects are reported on every pass, not only the first.
+    bad = _svc("c", "1", port=0)
+    for _ in range(2):
+        parsed, errors = cache.parse([_svc("a", "1"), bad])
+        assert [s.name for s in parsed] == ["a"] and errors == [
+            "Service default/c: spec.ports[0].port must be 1-65535, got 0"]
+    # Objects without a uid/resourceVersion (hand-written files) are simply read each time.
+    plain = {"metadata": {"name": "d", "namespace": "default"}, "spec": {"ports": [{"port": 53}]}}
+    one, two = cache.parse([plain])[0][0], cache.parse([plain])[0][0]
+    assert one == two and one is not two
