@@ -326,12 +326,12 @@ class Daemon:
         leader = self.elector.is_leader
         if leader:
             services = self._publish(proposed, allocation, services, objects)
-        served = self._published_only(allocation, services)
-        state = plan(replace(snapshot, services=tuple(services)), served)
         if not self._apply_due():
             self.apply_deferred = True  # published now; served by the paced apply (see run)
-            return state
+            return proposed  # what is served is planned only when it is applied
         self.apply_deferred = False
+        served = self._published_only(allocation, services)
+        state = plan(replace(snapshot, services=tuple(services)), served)
         result = self.dataplane.apply(state)
         self.next_apply_at = time.monotonic() + apply_gap(result.seconds)
         self.metrics.applies.labels(result.kind).inc()
