@@ -136,6 +136,8 @@ class Daemon:
         self.writers = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="api-writer")
         self.events = DeferredEvents(self.cluster.publisher.event)
         self.metrics.api_requests.set_function(lambda: self.cluster.requests)  # Events land between passes
+        self.metrics.events_pending.set_function(self.events.pending)
+        self.metrics.events_dropped.set_function(lambda: self.events.dropped)
         self.last_state: DesiredState | None = None
         self.ready = False
         self.next_apply_at = 0.0  # monotonic; see APPLY_PACING

@@ -31,6 +31,10 @@ class Metrics:
         self.old_workers = Gauge("lbappliance_haproxy_old_workers", "HAProxy workers left from reloads",
                                  registry=r)
         self.api_requests = Gauge("lbappliance_api_requests", "Kubernetes API requests made so far", registry=r)
+        self.events_pending = Gauge("lbappliance_events_pending",
+                                    "Events waiting for the leader's status writes to finish", registry=r)
+        self.events_dropped = Gauge("lbappliance_events_dropped", "Events dropped because the queue was full",
+                                    registry=r)
 
     def serve(self, address: str) -> None:
         host, _, port = address.rpartition(":")

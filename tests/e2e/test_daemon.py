@@ -159,6 +159,10 @@ def test_create_update_delete_lifecycle(env: dict[str, Any], ns: str) -> None:
     # Events follow the status writes (they wait for a pass with nothing left to publish).
     wait_for(lambda: any(e.reason == "IPAllocated" for e in core.list_namespaced_event(
         ns, field_selector="involvedObject.name=life").items), 10, what="IPAllocated event")
+    # Nothing left to write, so no Event still waits and none was dropped (both boxes report it).
+    for app in env["apps"]:
+        assert wait_for(lambda app=app: app.metric("lbappliance_events_pending") == 0.0, 10, what="events sent")
+        assert app.metric("lbappliance_events_dropped") == 0.0
     # Delete: finalizer removed by the leader after the VIP is withdrawn, object gone, address reusable.
     core.delete_namespaced_service("life", ns)
 
