@@ -63,6 +63,17 @@ def apply_gap(apply_seconds: float) -> float:
     return min(MAX_APPLY_GAP, APPLY_PACING * max(0.0, apply_seconds - FREE_APPLY))
 
 
+def apply_at(paced_until: float, writing_since: float | None) -> float:
+    """When the next apply may run: after the pacing gap and, while the leader is still writing
+    new addresses, at most every MAX_APPLY_GAP.
+
+    An apply (validate + reload, ~1 s at 1,000 Services) in the middle of a burst delays the next
+    addresses by as long; the pass after the writes, which our own writes trigger, serves them
+    all at once.
+    """
+    return max(paced_until, writing_since + MAX_APPLY_GAP if writing_since is not None else 0.0)
+
+
 class StartupError(Exception):
     """Invalid configuration at start: exit 78 so systemd does not restart-loop."""
 
@@ -142,6 +153,7 @@ class Daemon:
         self.ready = False
         self.next_apply_at = 0.0  # monotonic; see APPLY_PACING
         self.apply_deferred = False
+        self.writing_since: float | None = None  # monotonic; see _apply_at
         self._observer: Any = None
 
     # ---- wiring ---------------------------------------------------------------------------------
@@ -205,7 +217,7 @@ class Daemon:
             # on every change and at least every RESYNC seconds (level-triggered).
             period = min(self.config.health_check.interval_ms / 1000, watchdog or RESYNC)
             if self.apply_deferred:
-                period = min(period, max(0.0, self.next_apply_at - time.monotonic()))
+                period = min(period, max(0.0, self._apply_at() - time.monotonic()))
             woke = self.flags.wake.wait(timeout=period)
             self.flags.wake.clear()
             if woke:
@@ -235,8 +247,11 @@ class Daemon:
             self._observer.stop()
         return 0
 
+    def _apply_at(self) -> float:
+        return apply_at(self.next_apply_at, self.writing_since)
+
     def _apply_due(self) -> bool:
-        return time.monotonic() >= self.next_apply_at
+        return time.monotonic() >= self._apply_at()
 
     def _debounce(self) -> None:
         """Let a burst of events settle, but never delay a pass by more than MAX_DEBOUNCE.
@@ -328,9 +343,12 @@ class Daemon:
         leader = self.elector.is_leader
         if leader:
             services = self._publish(proposed, allocation, services, objects)
+        if not leader:
+            self.writing_since = None
         if not self._apply_due():
             self.apply_deferred = True  # published now; served by the paced apply (see run)
             return proposed  # what is served is planned only when it is applied
+        self.writing_since = None
         self.apply_deferred = False
         served = self._published_only(allocation, services)
         state = plan(replace(snapshot, services=tuple(services)), served)
@@ -369,8 +387,10 @@ class Daemon:
                 if key in objects and _needs_write(objects[key], vips)]
         if work:
             self.events.hold()
+            self.writing_since = self.writing_since or time.monotonic()
         else:
             self.events.release()
+            self.writing_since = None
         results = list(self.writers.map(lambda item: self._publish_one(*item, allocation), work))
         updated = {key: replace(by_key[key], ingress_ips=vips, finalizers=finalizers)
                    for (key, vips, _), finalizers in zip(work, results, strict=True) if finalizers is not None}
