@@ -28,7 +28,6 @@ def monitor_name(check_port: int, server: Server) -> str:
     return f"{MONITOR_PREFIX}{check_port}_{family_tag(server.address)}"
 
 
-
 def is_monitor_name(backend: str) -> bool:
     return backend.startswith(MONITOR_PREFIX)
 

@@ -22,9 +22,8 @@ log = logging.getLogger(__name__)
 class DeferredEvents:
     """One sender thread; Events wait while held, except those older than ``max_delay``."""
 
-    def __init__(self, send: Callable[..., None], max_delay: float = 30.0, limit: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._send, self.max_delay, self.limit, self._clock = send, max_delay, limit, clock
+    def __init__(self, send: Callable[..., None], max_delay: float = 30.0, limit: int = 10_000) -> None:
+        self._send, self.max_delay, self.limit = send, max_delay, limit
         self._queue: collections.deque[tuple[float, tuple[Any, ...]]] = collections.deque()
         self._held = False
         self._stopping = False
@@ -40,7 +39,7 @@ class DeferredEvents:
                 self.dropped += 1
                 if self.dropped == 1 or self.dropped % 1000 == 0:
                     log.warning("event queue full (%d); dropped %d oldest events so far", self.limit, self.dropped)
-            self._queue.append((self._clock(), args))
+            self._queue.append((time.monotonic(), args))
             self._cond.notify()
 
     def hold(self) -> None:
@@ -69,7 +68,7 @@ class DeferredEvents:
         with self._cond:
             while True:
                 if self._queue:
-                    waited = self._clock() - self._queue[0][0]
+                    waited = time.monotonic() - self._queue[0][0]
                     if not self._held or waited >= self.max_delay:
                         return self._queue.popleft()[1]
                     self._cond.wait(self.max_delay - waited)
