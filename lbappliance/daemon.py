@@ -74,6 +74,18 @@ def apply_at(paced_until: float, writing_since: float | None) -> float:
     return max(paced_until, writing_since + MAX_APPLY_GAP if writing_since is not None else 0.0)
 
 
+def recorded_state(kind: str, applied: DesiredState, last_good: DesiredState | None) -> DesiredState:
+    """What status.json and the metrics report after an apply of `applied` ended as `kind`.
+
+    A rejected or failed apply leaves the previous config serving: report that one, with this
+    pass's problems, so `lbappliance status` never shows a refused change as served.
+    """
+    if kind not in ("rejected", "failed"):
+        return applied
+    served = last_good or DesiredState(frontends=(), vrrp=(), served={})
+    return replace(served, problems=applied.problems)
+
+
 class StartupError(Exception):
     """Invalid configuration at start: exit 78 so systemd does not restart-loop."""
 
@@ -365,7 +377,7 @@ class Daemon:
             if not self.ready:
                 self.ready = True
                 systemd.notify("READY=1")
-        self._record(state, allocation, leader)
+        self._record(recorded_state(result.kind, state, self.last_state), allocation, leader)
         return state
 
     def _published_only(self, allocation: Allocation, services: list[Service]) -> Allocation:
