@@ -46,9 +46,12 @@ class FakePool:
     def __init__(self, answers: list[Answer]) -> None:
         self.answers = list(answers)
         self.requests: list[tuple[str, str, Any]] = []
+        self.headers: list[dict[str, str]] = []
 
-    def request(self, method: str, url: str, body: Any = None, **_: Any) -> urllib3.HTTPResponse:
+    def request(self, method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
+                **_: Any) -> urllib3.HTTPResponse:
         self.requests.append((method, url, json.loads(body) if body else None))
+        self.headers.append(dict(headers or {}))
         answer = self.answers.pop(0)
         status, data = answer() if callable(answer) else answer
         return urllib3.HTTPResponse(body=Body(data), status=status, preload_content=False,
@@ -200,11 +203,30 @@ def test_event_body_is_the_model_event_in_wire_format() -> None:
     timestamps = {k: sent.pop(k) for k in ("firstTimestamp", "lastTimestamp")}
     assert sent == api.sanitize_for_serialization(model)
     assert timestamps["firstTimestamp"] == timestamps["lastTimestamp"]
-    # The 37.x client validates a dict body into its model (pydantic) before sending it, so the
-    # RFC 3339 "Z" string goes out re-serialized with a "+00:00" offset; both are UTC.
+    # RFC 3339 in UTC, as the API server writes them.
+    assert timestamps["firstTimestamp"].endswith("Z")
     sent_at = dt.datetime.fromisoformat(timestamps["firstTimestamp"])
     assert sent_at.utcoffset() == dt.timedelta(0)
     assert abs((dt.datetime.now(dt.UTC) - sent_at).total_seconds()) < 60
+
+
+def test_writes_carry_the_clients_credentials_refreshed_and_its_user_agent() -> None:
+    """Writes skip the generated API methods, not the client's auth: a token that the client
+    refreshes (in-cluster, exec plugins) is asked for on every write."""
+    pool = FakePool([(200, b'{"kind":"Service"}'), (201, b'{"kind":"Event"}')])
+    api = api_with(pool)
+    tokens = iter(["first", "second"])
+    api.configuration.api_key["authorization"] = "expired"
+    api.configuration.api_key_prefix["authorization"] = "Bearer"
+    api.configuration.refresh_api_key_hook = lambda c: c.api_key.update(authorization=next(tokens))
+    pub = Publisher(api, "app1")
+    pub._patch("ns", "a", {"status": {}}, status=True)
+    pub.event({"metadata": {"name": "a", "namespace": "ns"}}, Reason.ALLOCATED, "hello")
+    assert [h["authorization"] for h in pool.headers] == ["Bearer first", "Bearer second"]
+    assert pool.headers[0]["Content-Type"] == "application/merge-patch+json"
+    assert pool.headers[1]["Content-Type"] == "application/json"
+    assert all(h["User-Agent"] == api.user_agent and h["Accept"] == "application/json" for h in pool.headers)
+    assert pub.requests == 2
 
 
 def test_event_without_uid_omits_it_and_failures_are_swallowed() -> None:
