@@ -37,7 +37,7 @@ from .core.models import (
 from .core.perf import gc_paused
 from .core.plan import Snapshot, plan
 from .edges import systemd
-from .edges.apply import DataPlane
+from .edges.apply import ApplyResult, DataPlane
 from .edges.cluster import Cluster, LeaderElector, api_client_from_kubeconfig
 from .edges.events import DeferredEvents
 from .edges.files import atomic_write, read_text
@@ -377,7 +377,7 @@ class Daemon:
             if not self.ready:
                 self.ready = True
                 systemd.notify("READY=1")
-        self._record(recorded_state(result.kind, state, self.last_state), allocation, leader)
+        self._record(recorded_state(result.kind, state, self.last_state), allocation, leader, result)
         return state
 
     def _published_only(self, allocation: Allocation, services: list[Service]) -> Allocation:
@@ -464,7 +464,7 @@ class Daemon:
         users = [(f.vip, f.service) for f in state.frontends] + [(u.vip, u.service) for u in state.udp]
         return any(vip == ip and key != service.key for vip, key in users)
 
-    def _record(self, state: DesiredState, allocation: Allocation, leader: bool) -> None:
+    def _record(self, state: DesiredState, allocation: Allocation, leader: bool, result: ApplyResult) -> None:
         self.metrics.record_pools(self.pools, allocation)
         for reason in Reason:
             self.metrics.problems.labels(reason.value).set(sum(1 for p in state.problems if p.reason == reason))
@@ -473,7 +473,7 @@ class Daemon:
         with contextlib.suppress(OSError, HaproxyError):  # HAProxy may be down; metrics must not fail a pass
             self.metrics.old_workers.set(len(self.dataplane.old_workers()))
         write_status(Path(self.config.paths.state_dir) / "status.json",
-                     status_document(state, leader, vrrp, self.identity, self.dataplane))
+                     status_document(state, leader, vrrp, self.identity, self.dataplane, result))
 
 
 def _ingress_of(obj: dict[str, Any]) -> tuple[str, ...]:
@@ -488,7 +488,7 @@ def _needs_write(obj: dict[str, Any], vips: tuple[str, ...]) -> bool:
 
 
 def status_document(state: DesiredState, leader: bool, vrrp: dict[str, str], identity: str,
-                    dataplane: DataPlane) -> dict[str, Any]:
+                    dataplane: DataPlane, result: ApplyResult) -> dict[str, Any]:
     try:
         health = dataplane.server_health()
     except (OSError, HaproxyError):
@@ -513,6 +513,9 @@ def status_document(state: DesiredState, leader: bool, vrrp: dict[str, str], ide
         "updated": time.time(),
         "services": sorted(services.values(), key=lambda e: e["service"]),
         "problems": [{"service": p.service, "reason": p.reason.value, "message": p.message} for p in state.problems],
+        # The last apply: "rejected"/"failed" mean the change above it was refused and the
+        # services listed are what still runs.
+        "lastApply": {"kind": result.kind, "message": result.message},
     }
 
 

@@ -167,3 +167,7 @@ def status(config_path: Path, fmt: str) -> None:
     click.echo(table(rows, ("service", "vips", "ports", "this box", "backends")))
     for problem in document.get("problems", []):
         click.echo(f"problem: {problem['service']}: {problem['reason']}: {problem['message']}")
+    last = document.get("lastApply") or {}
+    if last.get("kind") in ("rejected", "failed"):
+        click.echo(f"data plane: the last change was {last['kind']}; the services above are the config still "
+                   f"serving: {last.get('message', '')}")

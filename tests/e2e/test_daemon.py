@@ -387,6 +387,94 @@ def test_status_command_shows_what_this_box_serves(env: dict[str, Any], ns: str)
     _delete_all(core, ns, ["shown"])
 
 
+REFUSED = "refused-by-haproxy"
+# Fault injection around the real binary: `haproxy -c` refuses any candidate serving the Service
+# named REFUSED (everything else, running and reloading included, is the real haproxy).
+REFUSING_HAPROXY = f"""#!/bin/sh
+if [ "$1" = "-c" ] && grep -q "{REFUSED}" "$3"; then
+    echo "[ALERT] (injected) {REFUSED} is not allowed in $3"
+    exit 1
+fi
+exec /usr/sbin/haproxy "$@"
+"""
+
+
+def test_a_config_haproxy_refuses_leaves_the_last_good_one_serving_and_says_so(
+        env: dict[str, Any], ns: str, tmp_path: Path) -> None:
+    """A third daemon, in the client host, with its own loadBalancerClass and pool, whose HAProxy
+    refuses one Service's config: the running config keeps serving, status.json, `lbappliance
+    status` and the metrics say the change was rejected, and removing the cause recovers."""
+    from lbappliance.testing.appliances import Appliance, appliance_config, pools_yaml, wait_for
+
+    lab, core = env["lab"], env["core"]
+    binary = tmp_path / "haproxy"
+    binary.write_text(REFUSING_HAPROXY)
+    binary.chmod(0o755)
+    pools = tmp_path / "pools.yaml"
+    pools.write_text(pools_yaml(["203.0.113.8/29"]))
+    # The admin identity: deploy/rbac.yaml grants the one Lease the pair holds, and this box
+    # needs a Lease of its own to publish.
+    config = appliance_config(lab, "client", "app1", tmp_path / "state", env["cp"].admin_kubeconfig,
+                              pools, priority=10)
+    config["vrrp"].update(routerIds={"ipv4": 63, "ipv6": 64}, unicastPeers=["192.0.2.99"], unicastPeers6=[],
+                          unicastSrcIp6=None)
+    config["cluster"]["loadBalancerClass"] = "example.com/fault-test"
+    config["leaderElection"]["leaseName"] = "lbappliance-fault-test"
+    config["paths"]["haproxyBinary"] = str(binary)
+    path = tmp_path / "fault.yaml"
+    path.write_text(yaml.safe_dump(config))
+    box = Appliance("fault", lab.hosts["client"].netns, path, config, tmp_path / "fault.log")
+
+    def ours(name: str, node_port: int) -> dict[str, Any]:
+        body = _service(name, node_port)
+        body["spec"]["loadBalancerClass"] = "example.com/fault-test"
+        return body
+
+    def served() -> set[str]:
+        return {s["service"] for s in (box.status() or {}).get("services", [])}
+
+    # The VIP floats onto the client's eth0 only when its keepalived is master; HAProxy binds it
+    # before, as on the appliance hosts (inside the client's namespace, restored after).
+    nonlocal_bind = "net.ipv4.ip_nonlocal_bind"
+    before = lab.exec("client", ["sysctl", "-n", nonlocal_bind]).stdout.strip()
+    lab.exec("client", ["sysctl", "-qw", f"{nonlocal_bind}=1"])
+    box.start()
+    try:
+        core.create_namespaced_service(ns, ours("kept", 30093))
+        kept_vip = _wait_ingress(core, ns, "kept")[0]
+        assert ipaddress.ip_address(kept_vip) in ipaddress.ip_network("203.0.113.8/29")
+        assert _answered(lab, kept_vip, 80).startswith("node")
+
+        core.create_namespaced_service(ns, ours(REFUSED, 30094))
+        refused_vip = _wait_ingress(core, ns, REFUSED)[0]  # published: only the data plane refuses it
+        last = wait_for(lambda: ((box.status() or {}).get("lastApply") or {}).get("kind") == "rejected"
+                        and box.status()["lastApply"], 20, what="a rejected apply in status.json")
+        assert "haproxy.cfg" in last["message"] and "(injected)" in last["message"], last
+        assert served() == {f"{ns}/kept"}, "status.json must list what still runs, not the refused change"
+        assert (box.metric("lbappliance_applies_total", {"kind": "rejected"}) or 0) >= 1
+        state = tmp_path / "state"
+        assert REFUSED in (state / "haproxy.cfg.rejected").read_text()
+        assert REFUSED not in (state / "haproxy.cfg").read_text()
+        assert _answered(lab, kept_vip, 80).startswith("node"), "the last good config keeps serving"
+        assert _get(lab, refused_vip, 80, timeout=1.0)[0] != 200
+        table = subprocess.run([sys.executable, "-m", "lbappliance", "status", "--config", str(path)],
+                               capture_output=True, text=True, check=True).stdout
+        assert "the last change was rejected" in table and "(injected)" in table, table
+
+        _delete_all(core, ns, [REFUSED])  # its finalizer goes once an apply without it succeeds
+        wait_for(lambda: ((box.status() or {}).get("lastApply") or {}).get("kind") in ("noop", "runtime", "reload"),
+                 20, what="an accepted apply after the cause is gone")
+        assert served() == {f"{ns}/kept"}
+        assert _answered(lab, kept_vip, 80).startswith("node")
+        _delete_all(core, ns, ["kept"])
+    except (AssertionError, TimeoutError):
+        print(box.log_tail(80))
+        raise
+    finally:
+        box.stop()
+        lab.exec("client", ["sysctl", "-qw", f"{nonlocal_bind}={before}"])
+
+
 def test_systemd_notify_ready_watchdog_reloading_stopping(env: dict[str, Any], tmp_path: Path) -> None:
     """A third daemon with its own loadBalancerClass (it serves none of the pair's Services)."""
     import socket
