@@ -103,10 +103,13 @@ def node_from_object(obj: Mapping[str, Any]) -> Node:
 
 
 def is_handled(service: Service, load_balancer_class: str | None) -> bool:
-    """Ours: type LoadBalancer and no class, or exactly our class."""
-    if service.type != "LoadBalancer":
-        return False
-    return service.load_balancer_class is None or service.load_balancer_class == load_balancer_class
+    """Ours: type LoadBalancer of exactly our class (no class when none is configured).
+
+    An appliance given a class runs beside the cluster's default implementation: Services
+    without a class belong to that one, and two implementations claiming them would take turns
+    overwriting their status.
+    """
+    return service.type == "LoadBalancer" and service.load_balancer_class == load_balancer_class
 
 
 def wants_address(service: Service, load_balancer_class: str | None) -> bool:
@@ -115,8 +118,18 @@ def wants_address(service: Service, load_balancer_class: str | None) -> bool:
 
 
 def needs_cleanup(service: Service, load_balancer_class: str | None) -> bool:
-    """Carries our finalizer but should no longer be served: release and remove the finalizer."""
-    return FINALIZER in service.finalizers and not wants_address(service, load_balancer_class)
+    """Carries the finalizer but should no longer be served here: release and remove it.
+
+    Only after a type change away from LoadBalancer, or the deletion of a Service we handle. A
+    LoadBalancer Service of another class never was ours (the class cannot change once set), and
+    the finalizer is a well-known name its own implementation may use: its finalizer and status
+    are left alone.
+    """
+    if FINALIZER not in service.finalizers:
+        return False
+    if service.type != "LoadBalancer":
+        return True
+    return service.deleting and is_handled(service, load_balancer_class)
 
 
 def node_is_eligible(node: Node) -> bool:

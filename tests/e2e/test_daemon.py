@@ -444,6 +444,13 @@ def test_a_config_haproxy_refuses_leaves_the_last_good_one_serving_and_says_so(
         kept_vip = _wait_ingress(core, ns, "kept")[0]
         assert ipaddress.ip_address(kept_vip) in ipaddress.ip_network("203.0.113.8/29")
         assert _answered(lab, kept_vip, 80).startswith("node")
+        # The pair (the default implementation) leaves another class's finalizer and status alone:
+        # a settled Service is not written again.
+        settled = core.read_namespaced_service("kept", ns)
+        time.sleep(2)
+        after = core.read_namespaced_service("kept", ns)
+        assert after.metadata.resource_version == settled.metadata.resource_version
+        assert FINALIZER in after.metadata.finalizers
 
         core.create_namespaced_service(ns, ours(REFUSED, 30094))
         refused_vip = _wait_ingress(core, ns, REFUSED)[0]  # published: only the data plane refuses it
@@ -482,8 +489,7 @@ def test_systemd_notify_ready_watchdog_reloading_stopping(env: dict[str, Any], t
     from lbappliance.testing.appliances import appliance_config
 
     lab = env["lab"]
-    # No pools: Services without a class (every appliance handles those) get nothing from this
-    # probe, so it serves nothing and publishes nothing.
+    # It handles only its own class, and has no pools besides: it serves and publishes nothing.
     pools = tmp_path / "pools.yaml"
     pools.write_text("apiVersion: lbappliance.io/v1alpha1\nkind: AddressPoolList\npools: []\n")
     config = appliance_config(lab, "client", "app1", tmp_path / "state", env["cp"].appliance_kubeconfig,

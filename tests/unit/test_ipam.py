@@ -153,6 +153,12 @@ def test_non_loadbalancer_other_class_and_deleting_are_ignored() -> None:
     assert allocate(POOLS, [svc("mine", load_balancer_class="lb.example/x")], "lb.example/x").assignments
 
 
+def test_an_appliance_with_a_class_leaves_services_without_one_to_the_default() -> None:
+    services = [svc("classless"), svc("mine", load_balancer_class="lb.example/x")]
+    assert set(allocate(POOLS, services, "lb.example/x").assignments) == {"a/mine"}
+    assert set(allocate(POOLS, services).assignments) == {"a/classless"}
+
+
 def test_held_address_outside_pools_is_replaced() -> None:
     result = allocate(POOLS, [svc("x", "b", ingress_ips=("192.0.2.99",))])
     assert result.assignments == {"b/x": ("192.0.2.1",)}
