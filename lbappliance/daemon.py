@@ -12,10 +12,12 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -56,6 +58,7 @@ MAX_DEBOUNCE = 2.0  # seconds a pass may wait for a burst of events to settle
 APPLY_PACING = 3.0
 FREE_APPLY = 0.2
 MAX_APPLY_GAP = 5.0
+MAX_REFUSAL_ROUNDS = 3  # applies left to find every Service HAProxy refuses, before keeping the last good config
 
 
 def apply_gap(apply_seconds: float) -> float:
@@ -72,6 +75,15 @@ def apply_at(paced_until: float, writing_since: float | None) -> float:
     all at once.
     """
     return max(paced_until, writing_since + MAX_APPLY_GAP if writing_since is not None else 0.0)
+
+
+def refusal_message(rejection: str) -> str:
+    """HAProxy's complaints about one Service, the same on every pass (no pids, no line numbers,
+    which move as other Services come and go), so its Event is sent once."""
+    alerts = [line for line in rejection.splitlines() if "ALERT" in line] or rejection.splitlines()[:1]
+    text = " | ".join(re.sub(r"\s+", " ", re.sub(r"\(\d+\)", "", line)).strip() for line in alerts)
+    text = re.sub(r"\[([^\]\s]*?):\d+\]", r"[\1]", text)
+    return f"HAProxy refuses this Service's config (the others are served): {text}"[:1000]
 
 
 def recorded_state(kind: str, applied: DesiredState, last_good: DesiredState | None) -> DesiredState:
@@ -166,6 +178,7 @@ class Daemon:
         self.next_apply_at = 0.0  # monotonic; see APPLY_PACING
         self.apply_deferred = False
         self.writing_since: float | None = None  # monotonic; see _apply_at
+        self.refusals: tuple[Problem, ...] = ()  # Services HAProxy refused at the last apply
         self._observer: Any = None
 
     # ---- wiring ---------------------------------------------------------------------------------
@@ -359,12 +372,15 @@ class Daemon:
             self.writing_since = None
         if not self._apply_due():
             self.apply_deferred = True  # published now; served by the paced apply (see run)
+            if leader:
+                self._emit_problems((*proposed.problems, *self.refusals), objects)
             return proposed  # what is served is planned only when it is applied
         self.writing_since = None
         self.apply_deferred = False
         served = self._published_only(allocation, services)
-        state = plan(replace(snapshot, services=tuple(services)), served)
-        result = self.dataplane.apply(state)
+        state, result = self._apply_isolating(replace(snapshot, services=tuple(services)), served)
+        if leader:
+            self._emit_problems((*proposed.problems, *self.refusals), objects)
         self.next_apply_at = time.monotonic() + apply_gap(result.seconds)
         self.metrics.applies.labels(result.kind).inc()
         if result.kind in ("rejected", "failed"):
@@ -379,6 +395,27 @@ class Daemon:
                 systemd.notify("READY=1")
         self._record(recorded_state(result.kind, state, self.last_state), allocation, leader, result)
         return state
+
+    def _apply_isolating(self, snapshot: Snapshot, served: Allocation) -> tuple[DesiredState, ApplyResult]:
+        """Apply; when HAProxy refuses the config of some Services only, serve the others without them.
+
+        Every apply tries them again (level-triggered), so a Service whose cause goes away comes
+        back on its own; each refused one gets an InvalidConfiguration problem, hence an Event.
+        """
+        refused: dict[str, str] = {}
+        state = plan(snapshot, served)
+        result = self.dataplane.apply(state)
+        for _ in range(MAX_REFUSAL_ROUNDS):
+            if result.kind != "rejected" or not result.refused_services:
+                break
+            for key in sorted(result.refused_services - set(refused)):
+                log.error("Service %s: HAProxy refuses its config; serving the other Services without it", key)
+                refused[key] = refusal_message(result.message)
+            kept = {k: v for k, v in served.assignments.items() if k not in refused}
+            state = plan(snapshot, replace(served, assignments=kept))
+            result = self.dataplane.apply(state)
+        self.refusals = tuple(Problem(key, Reason.INVALID, message) for key, message in sorted(refused.items()))
+        return replace(state, problems=tuple(sorted({*state.problems, *self.refusals}))), result
 
     def _published_only(self, allocation: Allocation, services: list[Service]) -> Allocation:
         """Serve only addresses already written to status, of Services carrying our finalizer:
@@ -406,7 +443,6 @@ class Daemon:
         results = list(self.writers.map(lambda item: self._publish_one(*item, allocation), work))
         updated = {key: replace(by_key[key], ingress_ips=vips, finalizers=finalizers)
                    for (key, vips, _), finalizers in zip(work, results, strict=True) if finalizers is not None}
-        self._emit_problems(proposed.problems, objects)
         return [updated.get(s.key, s) for s in services]
 
     def _publish_one(self, key: str, vips: tuple[str, ...], obj: dict[str, Any],
@@ -422,7 +458,7 @@ class Daemon:
                                f"Assigned {', '.join(vips)} from pool {', '.join(pools)}")
         return tuple(after["metadata"].get("finalizers") or ())
 
-    def _emit_problems(self, problems: tuple[Problem, ...], objects: dict[str, dict[str, Any]]) -> None:
+    def _emit_problems(self, problems: Iterable[Problem], objects: dict[str, dict[str, Any]]) -> None:
         """One Event per distinct problem; repeated passes do not spam the Service."""
         current = {}
         for problem in problems:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
 
@@ -118,3 +118,31 @@ def render_keepalived(state: DesiredState, config: ApplianceConfig) -> str:
 
 def render(state: DesiredState, config: ApplianceConfig) -> RenderedConfigs:
     return RenderedConfigs(render_haproxy(state, config), render_keepalived(state, config))
+
+
+SERVICE_COMMENT = "# Service "  # the template opens every Service's section with it
+
+
+def services_on_lines(haproxy_cfg: str, line_numbers: Iterable[int]) -> frozenset[str] | None:
+    """The Services whose sections hold these (1-based) lines of a rendered haproxy.cfg.
+
+    None when any line lies outside every Service's section (global, defaults, the stats
+    frontend, a shared health backend) or there is no line at all: then no Service alone is
+    to blame. Lets the daemon leave out the Services whose config HAProxy refuses and serve
+    the rest.
+    """
+    wanted = set(line_numbers)
+    if not wanted:
+        return None
+    owners: dict[int, str | None] = {}
+    owner: str | None = None
+    for number, line in enumerate(haproxy_cfg.splitlines(), start=1):
+        if line.startswith(SERVICE_COMMENT):
+            owner = line[len(SERVICE_COMMENT):].split(" ", 1)[0]
+        elif line.startswith("#") or (line[:1].strip() and not line.startswith(("listen ", "backend "))):
+            owner = None  # another kind of section: global, defaults, frontend, health monitors
+        if number in wanted:
+            owners[number] = owner
+    if set(owners) != wanted or None in owners.values():
+        return None
+    return frozenset(o for o in owners.values() if o is not None)

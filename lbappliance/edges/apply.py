@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from lbappliance.core.config import ApplianceConfig
 from lbappliance.core.health import is_monitor_name
 from lbappliance.core.models import DesiredState, UdpForward
 from lbappliance.core.nft import Health, map_members, render_nft
-from lbappliance.core.render import RenderedConfigs, render, server_defaults
+from lbappliance.core.render import RenderedConfigs, render, server_defaults, services_on_lines
 
 from .files import atomic_write
 from .haproxy import HAProxy, HaproxyError
@@ -46,6 +47,8 @@ class ApplyResult:
     message: str = ""
     seconds: float = 0.0
     pending_deletes: tuple[tuple[str, str], ...] = ()
+    # Rejected: the Services HAProxy's complaint points at, when it points at nothing else.
+    refused_services: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -116,10 +119,12 @@ class DataPlane:
         paths = self.config.paths
         hap_new = _differs(paths.haproxy_config, rendered.haproxy)
         ka_new = _differs(paths.keepalived_config, rendered.keepalived)
-        rejected = self._validate(rendered, hap_new, ka_new) or self._validate_nft(state)
+        refusal = self._validate(rendered, hap_new, ka_new)
+        rejected = refusal[0] if refusal else self._validate_nft(state)
         if rejected is not None:
             self.counts["rejected"] += 1
-            return ApplyResult("rejected", message=rejected, seconds=time.monotonic() - start)
+            return ApplyResult("rejected", message=rejected, seconds=time.monotonic() - start,
+                               refused_services=refusal[1] if refusal else frozenset())
         change = self._classify(state, hap_new)
         try:
             kind, message = self._apply_haproxy(change, hap_new)
@@ -150,8 +155,10 @@ class DataPlane:
                           reasons=("file on disk differs from the rendered config",))
         return change
 
-    def _validate(self, rendered: RenderedConfigs, hap_new: bool, ka_new: bool) -> str | None:
-        """Write and check candidates; a rejected one is kept as `<file>.rejected`. None when all pass."""
+    def _validate(self, rendered: RenderedConfigs, hap_new: bool,
+                  ka_new: bool) -> tuple[str, frozenset[str]] | None:
+        """Write and check candidates; a rejected one is kept as `<file>.rejected`. None when all
+        pass, else the complaint and the Services it points at (see `services_on_lines`)."""
         paths = self.config.paths
         checks = [(hap_new, paths.haproxy_config, rendered.haproxy, check_haproxy, paths.haproxy_binary),
                   (ka_new, paths.keepalived_config, rendered.keepalived, check_keepalived, paths.keepalived_binary)]
@@ -165,7 +172,11 @@ class DataPlane:
                 output = verdict.output
                 os.replace(candidate, f"{live}.rejected")
                 log.error("rejected %s: %s", live, output)
-                return f"{live}: {output}"
+                blamed = frozenset[str]()
+                if live == paths.haproxy_config:
+                    lines = [int(n) for n in re.findall(rf"{re.escape(str(candidate))}:(\d+)", output)]
+                    blamed = services_on_lines(text, lines) or frozenset()
+                return f"{live}: {output}", blamed
         return None
 
     def _validate_nft(self, state: DesiredState) -> str | None:

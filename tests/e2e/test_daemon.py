@@ -387,23 +387,33 @@ def test_status_command_shows_what_this_box_serves(env: dict[str, Any], ns: str)
     _delete_all(core, ns, ["shown"])
 
 
-REFUSED = "refused-by-haproxy"
-# Fault injection around the real binary: `haproxy -c` refuses any candidate serving the Service
-# named REFUSED (everything else, running and reloading included, is the real haproxy).
+REFUSED, REFUSED_WHOLE = "refused-by-haproxy", "refused-whole"
+# Fault injection around the real binary: `haproxy -c` refuses a candidate serving REFUSED with an
+# alert that points into that Service's section (as HAProxy's own alerts do), and one serving
+# REFUSED_WHOLE with an alert that points nowhere. Everything else is the real haproxy.
 REFUSING_HAPROXY = f"""#!/bin/sh
-if [ "$1" = "-c" ] && grep -q "{REFUSED}" "$3"; then
-    echo "[ALERT] (injected) {REFUSED} is not allowed in $3"
-    exit 1
+if [ "$1" = "-c" ]; then
+    line=$(grep -n "{REFUSED}" "$3" | head -1 | cut -d: -f1)
+    if [ -n "$line" ]; then
+        echo "[ALERT]    ($$) : config : parsing [$3:$line] : (injected) {REFUSED} is not allowed"
+        exit 1
+    fi
+    if grep -q "{REFUSED_WHOLE}" "$3"; then
+        echo "[ALERT]    ($$) : config : (injected) this whole config is refused"
+        exit 1
+    fi
 fi
 exec /usr/sbin/haproxy "$@"
 """
 
 
-def test_a_config_haproxy_refuses_leaves_the_last_good_one_serving_and_says_so(
+def test_haproxy_refusing_one_service_serves_the_others_and_a_whole_refusal_keeps_the_last_good_config(
         env: dict[str, Any], ns: str, tmp_path: Path) -> None:
     """A third daemon, in the client host, with its own loadBalancerClass and pool, whose HAProxy
-    refuses one Service's config: the running config keeps serving, status.json, `lbappliance
-    status` and the metrics say the change was rejected, and removing the cause recovers."""
+    refuses some configs. One Service's refused section: that Service gets an Event, every other
+    one is still served and changed. A refusal that names no Service: the running config keeps
+    serving, and status.json, `lbappliance status` and the metrics say so. Removing either cause
+    recovers."""
     from lbappliance.testing.appliances import Appliance, appliance_config, pools_yaml, wait_for
 
     lab, core = env["lab"], env["core"]
@@ -424,14 +434,24 @@ def test_a_config_haproxy_refuses_leaves_the_last_good_one_serving_and_says_so(
     path = tmp_path / "fault.yaml"
     path.write_text(yaml.safe_dump(config))
     box = Appliance("fault", lab.hosts["client"].netns, path, config, tmp_path / "fault.log")
+    state = tmp_path / "state"
 
-    def ours(name: str, node_port: int) -> dict[str, Any]:
-        body = _service(name, node_port)
+    def ours(name: str, node_port: int | None) -> dict[str, Any]:
+        body = _service(name, node_port or 30000)
         body["spec"]["loadBalancerClass"] = "example.com/fault-test"
+        if node_port is None:  # never served: any free NodePort will do
+            del body["spec"]["ports"][0]["nodePort"]
         return body
 
     def served() -> set[str]:
         return {s["service"] for s in (box.status() or {}).get("services", [])}
+
+    def last_apply() -> dict[str, str]:
+        return (box.status() or {}).get("lastApply") or {}
+
+    def status_table() -> str:
+        return subprocess.run([sys.executable, "-m", "lbappliance", "status", "--config", str(path)],
+                              capture_output=True, text=True, check=True).stdout
 
     # The VIP floats onto the client's eth0 only when its keepalived is master; HAProxy binds it
     # before, as on the appliance hosts (inside the client's namespace, restored after).
@@ -452,28 +472,47 @@ def test_a_config_haproxy_refuses_leaves_the_last_good_one_serving_and_says_so(
         assert after.metadata.resource_version == settled.metadata.resource_version
         assert FINALIZER in after.metadata.finalizers
 
-        core.create_namespaced_service(ns, ours(REFUSED, 30094))
+        # 1. HAProxy refuses one Service's section: the others are served, and still change.
+        core.create_namespaced_service(ns, ours(REFUSED, None))
         refused_vip = _wait_ingress(core, ns, REFUSED)[0]  # published: only the data plane refuses it
-        last = wait_for(lambda: ((box.status() or {}).get("lastApply") or {}).get("kind") == "rejected"
-                        and box.status()["lastApply"], 20, what="a rejected apply in status.json")
-        assert "haproxy.cfg" in last["message"] and "(injected)" in last["message"], last
-        assert served() == {f"{ns}/kept"}, "status.json must list what still runs, not the refused change"
-        assert (box.metric("lbappliance_applies_total", {"kind": "rejected"}) or 0) >= 1
-        state = tmp_path / "state"
+        problem = wait_for(lambda: next((p for p in (box.status() or {}).get("problems", [])
+                                         if p["service"] == f"{ns}/{REFUSED}"), None), 20,
+                           what="the refused Service among the problems in status.json")
+        assert problem["reason"] == "InvalidConfiguration" and "(injected)" in problem["message"], problem
         assert REFUSED in (state / "haproxy.cfg.rejected").read_text()
-        assert REFUSED not in (state / "haproxy.cfg").read_text()
-        assert _answered(lab, kept_vip, 80).startswith("node"), "the last good config keeps serving"
+        core.create_namespaced_service(ns, ours("third", 30092))
+        third_vip = _wait_ingress(core, ns, "third")[0]
+        assert _answered(lab, third_vip, 80).startswith("node"), "a change beside the refused Service is served"
+        assert _answered(lab, kept_vip, 80).startswith("node")
         assert _get(lab, refused_vip, 80, timeout=1.0)[0] != 200
-        table = subprocess.run([sys.executable, "-m", "lbappliance", "status", "--config", str(path)],
-                               capture_output=True, text=True, check=True).stdout
+        assert served() == {f"{ns}/kept", f"{ns}/third"}
+        assert last_apply()["kind"] in ("noop", "runtime", "reload"), last_apply()
+        assert REFUSED not in (state / "haproxy.cfg").read_text()
+        events = core.list_namespaced_event(ns, field_selector=f"involvedObject.name={REFUSED}").items
+        assert [e.reason for e in events if "(injected)" in e.message] == ["InvalidConfiguration"], events
+        _delete_all(core, ns, [REFUSED])  # its finalizer goes: it is not served, nothing to withdraw
+
+        # 2. A refusal that names no Service: nothing changes, and everything says so.
+        core.create_namespaced_service(ns, ours(REFUSED_WHOLE, None))
+        _wait_ingress(core, ns, REFUSED_WHOLE)
+        last = wait_for(lambda: last_apply().get("kind") == "rejected" and last_apply(), 20,
+                        what="a rejected apply in status.json")
+        assert "haproxy.cfg" in last["message"] and "(injected)" in last["message"], last
+        assert served() == {f"{ns}/kept", f"{ns}/third"}, "status.json must list what still runs"
+        assert (box.metric("lbappliance_applies_total", {"kind": "rejected"}) or 0) >= 1
+        assert REFUSED_WHOLE in (state / "haproxy.cfg.rejected").read_text()
+        assert REFUSED_WHOLE not in (state / "haproxy.cfg").read_text()
+        assert _answered(lab, kept_vip, 80).startswith("node"), "the last good config keeps serving"
+        table = status_table()
         assert "the last change was rejected" in table and "(injected)" in table, table
 
-        _delete_all(core, ns, [REFUSED])  # its finalizer goes once an apply without it succeeds
-        wait_for(lambda: ((box.status() or {}).get("lastApply") or {}).get("kind") in ("noop", "runtime", "reload"),
-                 20, what="an accepted apply after the cause is gone")
-        assert served() == {f"{ns}/kept"}
+        _delete_all(core, ns, [REFUSED_WHOLE])  # its finalizer goes once an apply without it succeeds
+        wait_for(lambda: last_apply().get("kind") in ("noop", "runtime", "reload"), 20,
+                 what="an accepted apply after the cause is gone")
+        assert served() == {f"{ns}/kept", f"{ns}/third"}
+        assert "rejected" not in status_table()
         assert _answered(lab, kept_vip, 80).startswith("node")
-        _delete_all(core, ns, ["kept"])
+        _delete_all(core, ns, ["kept", "third"])
     except (AssertionError, TimeoutError):
         print(box.log_tail(80))
         raise
