@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .testing.appliances import (
     Appliance,
@@ -28,6 +28,9 @@ from .testing.appliances import (
     node_ports,
     wait_for,
 )
+
+if TYPE_CHECKING:
+    from .testing.netlab import NetworkLab
 
 PREFIX = "lab"
 WORKDIR = Path(os.environ.get("LBAPPLIANCE_LAB_DIR", "/tmp/lbappliance-lab"))
@@ -89,17 +92,6 @@ def _kill(pid: int, needle: str, timeout: float = 10.0) -> None:
     if _pid_alive(pid, needle):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-
-
-def _request(netns: str, url: str, timeout: float = 2.0) -> tuple[int, str]:
-    code = ("import sys,urllib.request\n"
-            "try:\n r=urllib.request.urlopen(sys.argv[1],timeout=float(sys.argv[2]));"
-            "print(r.status, r.read().decode().strip())\n"
-            "except Exception as e: print(0, type(e).__name__)")
-    done = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-I", "-c", code, url, str(timeout)],
-                          capture_output=True, text=True, timeout=timeout + 10, check=False)
-    status, _, body = done.stdout.strip().partition(" ")
-    return int(status or 0), body
 
 
 def _vip_holder(apps: list[Appliance], vip: str, exclude: str | None = None) -> str:
@@ -167,12 +159,12 @@ def up(nodes: int, echo: Echo) -> list[dict[str, Any]]:
     for doc in manifests:
         core.create_namespaced_service("default", doc)
     echo("6/6 requests from the client host through each VIP")
-    rows = _service_rows(core, manifests, apps, lab.hosts["client"].netns)
+    rows = _service_rows(core, manifests, apps, lab)
     return rows
 
 
 def _service_rows(core: Any, manifests: list[dict[str, Any]], apps: list[Appliance],
-                  client_netns: str) -> list[dict[str, Any]]:
+                  lab: NetworkLab) -> list[dict[str, Any]]:
     rows = []
     for doc in manifests:
         name = doc["metadata"]["name"]
@@ -189,7 +181,7 @@ def _service_rows(core: Any, manifests: list[dict[str, Any]], apps: list[Applian
             continue
         for port in doc["spec"]["ports"]:
             url = f"http://{ips[0]}:{port['port']}/"
-            answer = wait_for(lambda url=url: _ok(client_netns, url), 15, interval=0.3, what=url) if ips else ""
+            answer = wait_for(lambda url=url: _ok(lab, url), 15, interval=0.3, what=url) if ips else ""
             try:  # status.json is rewritten each pass; give the boxes a moment to report VRRP
                 holder = wait_for(lambda vip=ips[0]: _vip_holder(apps, vip).strip("-"), 10, interval=0.2)
             except TimeoutError:
@@ -199,9 +191,9 @@ def _service_rows(core: Any, manifests: list[dict[str, Any]], apps: list[Applian
     return rows
 
 
-def _ok(netns: str, url: str) -> str | None:
-    status, body = _request(netns, url)
-    return body if status == 200 else None
+def _ok(lab: NetworkLab, url: str) -> str | None:
+    status, body = lab.http_get("client", url, timeout=2.0)
+    return body.strip() if status == 200 else None
 
 
 def _save(state: dict[str, Any]) -> None:
