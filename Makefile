@@ -34,5 +34,6 @@ render-sample: setup
 
 bench:
 	$(PY) bench/render.py
+	$(PY) bench/api_writes.py
 	$(PY) bench/dataplane.py
 	$(PY) bench/convergence.py

@@ -319,9 +319,10 @@ class Publisher:
 
     def _send(self, method: str, path: str, body: dict[str, Any], content_type: str, timeout: float) -> Any:
         """One JSON request through the client's connection pool and credentials (token refresh
-        included), without its generated API method: that validates every argument and the body
-        with pydantic first, 0.3 of the 1.4 ms of CPU a status write costs here, and a burst of
-        new Services makes two writes each. Non-2xx answers raise ApiException, as the method does.
+        included), without its generated API method, which validates every argument and the body
+        with pydantic first: about a tenth of the CPU a status write costs here (bench/api_writes.py),
+        and a burst of new Services makes two writes each. Non-2xx answers raise ApiException, as
+        the method does.
         """
         self.requests += 1
         headers = {**self.api.default_headers, "Accept": "application/json", "Content-Type": content_type}
