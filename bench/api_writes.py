@@ -13,7 +13,6 @@ writes each (status, then an Event).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lbappliance.edges.cluster import Publisher, api_client_from_kubeconfig  # noqa: E402
+from lbappliance.edges.cluster import Publisher, _read_json, api_client_from_kubeconfig  # noqa: E402
 
 
 def body(ip: str) -> dict[str, Any]:
@@ -61,11 +60,9 @@ def main() -> None:
         publisher = Publisher(api, "bench")
 
         def generated(name: str, ip: str) -> None:
-            resp = core.patch_namespaced_service_status(name, "default", body(ip), _request_timeout=10,
-                                                        _preload_content=False,
-                                                        _content_type="application/merge-patch+json")
-            json.loads(resp.data)
-            resp.release_conn()
+            _read_json(core.patch_namespaced_service_status(name, "default", body(ip), _request_timeout=10,
+                                                            _preload_content=False,
+                                                            _content_type="application/merge-patch+json"))
 
         def ours(name: str, ip: str) -> None:
             assert publisher._patch("default", name, body(ip), status=True) is not None

@@ -368,19 +368,24 @@ class Daemon:
         leader = self.elector.is_leader
         if leader:
             services = self._publish(proposed, allocation, services, objects)
-        if not leader:
+        else:
             self.writing_since = None
-        if not self._apply_due():
+        if self._apply_due():
+            state = self._serve(replace(snapshot, services=tuple(services)), allocation, leader, objects)
+        else:
             self.apply_deferred = True  # published now; served by the paced apply (see run)
-            if leader:
-                self._emit_problems((*proposed.problems, *self.refusals), objects)
-            return proposed  # what is served is planned only when it is applied
+            state = proposed  # what is served is planned only when it is applied
+        if leader:  # refusals are those of the last apply, so a paced pass keeps their Events
+            self._emit_problems((*proposed.problems, *self.refusals), objects)
+        return state
+
+    def _serve(self, snapshot: Snapshot, allocation: Allocation, leader: bool,
+               objects: dict[str, dict[str, Any]]) -> DesiredState:
+        """Apply what is published, then clean up what was withdrawn and record what runs."""
         self.writing_since = None
         self.apply_deferred = False
-        served = self._published_only(allocation, services)
-        state, result = self._apply_isolating(replace(snapshot, services=tuple(services)), served)
-        if leader:
-            self._emit_problems((*proposed.problems, *self.refusals), objects)
+        served = self._published_only(allocation, snapshot.services)
+        state, result, self.refusals = self._apply_isolating(snapshot, served)
         self.next_apply_at = time.monotonic() + apply_gap(result.seconds)
         self.metrics.applies.labels(result.kind).inc()
         if result.kind in ("rejected", "failed"):
@@ -389,18 +394,20 @@ class Daemon:
         else:
             self.last_state = state
             if leader:
-                self._cleanup(state, services, objects)
+                self._cleanup(state, snapshot.services, objects)
             if not self.ready:
                 self.ready = True
                 systemd.notify("READY=1")
         self._record(recorded_state(result.kind, state, self.last_state), allocation, leader, result)
         return state
 
-    def _apply_isolating(self, snapshot: Snapshot, served: Allocation) -> tuple[DesiredState, ApplyResult]:
+    def _apply_isolating(self, snapshot: Snapshot,
+                         served: Allocation) -> tuple[DesiredState, ApplyResult, tuple[Problem, ...]]:
         """Apply; when HAProxy refuses the config of some Services only, serve the others without them.
 
         Every apply tries them again (level-triggered), so a Service whose cause goes away comes
         back on its own; each refused one gets an InvalidConfiguration problem, hence an Event.
+        Returns the state applied (with those problems), the last apply's result and the problems.
         """
         refused: dict[str, str] = {}
         state = plan(snapshot, served)
@@ -414,10 +421,10 @@ class Daemon:
             kept = {k: v for k, v in served.assignments.items() if k not in refused}
             state = plan(snapshot, replace(served, assignments=kept))
             result = self.dataplane.apply(state)
-        self.refusals = tuple(Problem(key, Reason.INVALID, message) for key, message in sorted(refused.items()))
-        return replace(state, problems=tuple(sorted({*state.problems, *self.refusals}))), result
+        refusals = tuple(Problem(key, Reason.INVALID, message) for key, message in sorted(refused.items()))
+        return replace(state, problems=tuple(sorted({*state.problems, *refusals}))), result, refusals
 
-    def _published_only(self, allocation: Allocation, services: list[Service]) -> Allocation:
+    def _published_only(self, allocation: Allocation, services: Iterable[Service]) -> Allocation:
         """Serve only addresses already written to status, of Services carrying our finalizer:
         both boxes then serve the same thing, and no served address can be deleted unnoticed."""
         status = {s.key: s.ingress_ips for s in services if FINALIZER in s.finalizers}
@@ -471,7 +478,8 @@ class Daemon:
                 self.events.submit(obj, problem.reason, problem.message, True)
         self.emitted = current
 
-    def _cleanup(self, state: DesiredState, services: list[Service], objects: dict[str, dict[str, Any]]) -> None:
+    def _cleanup(self, state: DesiredState, services: Iterable[Service],
+                 objects: dict[str, dict[str, Any]]) -> None:
         """After the VIP is withdrawn: clear status and drop the finalizer."""
         cls = self.config.cluster.load_balancer_class
         served_vips = set(state.vips)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from .files import atomic_write
 from .haproxy import HAProxy, HaproxyError
 from .keepalived import Keepalived, KeepalivedError, read_vrrp_states
 from .nft import Nftables, NftError
-from .validate import Verdict, check_haproxy, check_keepalived
+from .validate import Verdict, check_haproxy, check_keepalived, cited_lines
 
 log = logging.getLogger(__name__)
 # External mode: how often to ask systemd again for a keepalived that is still not running.
@@ -174,8 +173,7 @@ class DataPlane:
                 log.error("rejected %s: %s", live, output)
                 blamed = frozenset[str]()
                 if live == paths.haproxy_config:
-                    lines = [int(n) for n in re.findall(rf"{re.escape(str(candidate))}:(\d+)", output)]
-                    blamed = services_on_lines(text, lines) or frozenset()
+                    blamed = services_on_lines(text, cited_lines(output, candidate)) or frozenset()
                 return f"{live}: {output}", blamed
         return None
 

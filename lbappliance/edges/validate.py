@@ -37,6 +37,11 @@ def check_haproxy(path: Path, binary: str = "/usr/sbin/haproxy") -> Verdict:
     return _run([found, "-c", "-f", str(path)])  # not -q: it hides the reason for a rejection
 
 
+def cited_lines(output: str, path: Path | str) -> list[int]:
+    """The line numbers of `path` that HAProxy's messages cite (`[<path>:<line>]`)."""
+    return [int(n) for n in re.findall(rf"\[{re.escape(str(path))}:(\d+)\]", output)]
+
+
 def check_keepalived(path: Path, binary: str = "/usr/sbin/keepalived", *, unprivileged: bool | None = None) -> Verdict:
     found = find_binary(binary, "keepalived")
     if found is None:

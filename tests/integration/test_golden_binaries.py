@@ -81,3 +81,31 @@ def _check_unprivileged(tmp_path: Path, setpriv: str) -> None:
     bad.chmod(0o644)
     verdict = check_keepalived(bad, str(as_nobody), unprivileged=True)
     assert not verdict.ok, f"a config with an unknown keyword passed the unprivileged check: {verdict.output}"
+
+
+def _with_line_after(text: str, anchor: str, inserted: str) -> str:
+    """`text` with `inserted` as a new line after the first line starting with `anchor`."""
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(anchor))
+    return "\n".join([*lines[:at + 1], inserted, *lines[at + 1:]]) + "\n"
+
+
+@pytest.mark.integration
+def test_haproxys_own_complaint_is_pinned_on_the_service_whose_section_it_cites(tmp_path: Path) -> None:
+    """The real `haproxy -c` output, read as DataPlane reads it: a fault inside one Service's
+    section blames that Service only; a fault in a shared section blames none."""
+    from lbappliance.core.render import services_on_lines
+    from lbappliance.edges.validate import cited_lines
+
+    _require("haproxy")
+    golden = (GOLDEN / "shared-ip" / "haproxy.cfg").read_text()
+    candidate = tmp_path / "haproxy.cfg.candidate"
+    candidate.write_text(_with_line_after(golden, "listen be_dns_tcp-b", "    no-such-keyword 1"))
+    verdict = check_haproxy(candidate)
+    assert not verdict.ok
+    assert services_on_lines(candidate.read_text(), cited_lines(verdict.output, candidate)) == {"dns/tcp-b"}, (
+        verdict.output)
+    candidate.write_text(_with_line_after(golden, "defaults", "    no-such-keyword 1"))
+    verdict = check_haproxy(candidate)
+    assert not verdict.ok and cited_lines(verdict.output, candidate), verdict.output
+    assert services_on_lines(candidate.read_text(), cited_lines(verdict.output, candidate)) is None
