@@ -187,13 +187,6 @@ class Pool:
 
 
 @dataclass(frozen=True)
-class HealthCheckSettings:
-    interval_ms: int = 2000
-    fall: int = 2
-    rise: int = 2
-
-
-@dataclass(frozen=True)
 class Allocation:
     """IPAM's answer: addresses per Service key, the pool each address came from, problems."""
 
@@ -284,7 +277,7 @@ class DesiredState:
     @property
     def vips(self) -> tuple[str, ...]:
         found = {f.vip for f in self.frontends} | {u.vip for u in self.udp}
-        return tuple(sorted(found, key=_address_sort_key))
+        return tuple(sorted(found, key=address_sort_key))
 
 
 def vip_owner_states(state: DesiredState, vrrp_states: Mapping[str, str]) -> dict[str, str]:
@@ -292,10 +285,7 @@ def vip_owner_states(state: DesiredState, vrrp_states: Mapping[str, str]) -> dic
     return {vip: vrrp_states.get(instance, "UNKNOWN") for vip, instance in sorted(state.vip_instances.items())}
 
 
-def _address_sort_key(address: str) -> tuple[int, int]:
+def address_sort_key(address: str) -> tuple[int, int]:
+    """IPv4 before IPv6, then numerically: the order every rendered list uses."""
     parsed = parse_address(address)
     return (parsed.version, int(parsed))
-
-
-def address_sort_key(address: str) -> tuple[int, int]:
-    return _address_sort_key(address)

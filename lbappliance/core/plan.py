@@ -127,7 +127,7 @@ def vrrp_pin(service: Service, instances: int) -> tuple[int | None, str | None]:
     return int(text), None
 
 
-def plan_service_full(
+def plan_service(
     service: Service, vips: Sequence[str], targets: Mapping[Family, tuple[Server, ...]], instances: int = 1
 ) -> ServicePlan:
     """Frontends (TCP) and forwards (UDP) for one Service on its VIPs, or the problems that stop it."""
@@ -194,14 +194,6 @@ def _same_family(servers: tuple[Server, ...], family: Family) -> tuple[Server, .
     return tuple(s for s in servers if parse_address(s.address).version == version)
 
 
-def plan_service(
-    service: Service, vips: Sequence[str], targets: Mapping[Family, tuple[Server, ...]]
-) -> tuple[list[Frontend], list[Problem]]:
-    """TCP frontends for one Service (the UDP forwards are in `plan_service_full`)."""
-    result = plan_service_full(service, vips, targets)
-    return list(result.frontends), list(result.problems)
-
-
 def backend_targets(nodes: Sequence[Node], preference: Sequence[str]) -> dict[Family, tuple[Server, ...]]:
     """Eligible nodes per VIP family, computed once per pass and shared by every backend."""
     eligible = sorted((n for n in nodes if node_is_eligible(n)), key=lambda n: n.name)
@@ -263,7 +255,7 @@ def plan(snapshot: Snapshot, allocation: Allocation) -> DesiredState:
     targets = backend_targets(snapshot.nodes, snapshot.config.cluster.node_address_types)
     for key in sorted(allocation.assignments):
         service = services[key]
-        result = plan_service_full(service, allocation.assignments[key], targets, instances)
+        result = plan_service(service, allocation.assignments[key], targets, instances)
         problems.extend(result.problems)
         if result.frontends or result.udp:
             frontends.extend(result.frontends)

@@ -57,10 +57,6 @@ def server_target(server: Server, port: int) -> str:
     return f"[{server.address}]:{port}" if ":" in server.address else f"{server.address}:{port}"
 
 
-def server_line(backend: Backend, server: Server) -> str:
-    return f"server {server.name} {server_target(server, backend.port)} {server_options(backend)}"
-
-
 def _server_lines_renderer() -> Callable[[Backend], str]:
     """Server blocks differ only by nodePort, so build each shared block once per render."""
     blocks: dict[tuple[int, int, str | None, bool], str] = {}

@@ -223,7 +223,6 @@ class LeaderElector:
         self.namespace, self.name, self.identity = namespace, name, identity
         self.lease_duration, self.renew_deadline = lease_duration, renew_deadline
         self._leader_until = 0.0
-        self.transitions = 0
 
     @property
     def is_leader(self) -> bool:
@@ -284,7 +283,6 @@ class LeaderElector:
 
     def _became(self, previous: str | None) -> None:
         if not self.is_leader:
-            self.transitions += 1
             log.info("leader election: %s is now the leader (was %s)", self.identity, previous)
         self._leader_until = time.monotonic() + self.renew_deadline
 

@@ -69,8 +69,3 @@ class Nftables:
     def remove(self) -> None:
         """Drop our table (and nothing else); fine when it does not exist."""
         self.load(render_nft(()))
-
-    def list_table(self) -> str:
-        """`nft list table inet lbappliance` ('' when absent)."""
-        verdict = self._nft("list", "table", *TABLE.split())
-        return verdict.output if verdict.ok else ""
