@@ -10,10 +10,11 @@ ones, then automatic picks, so a newer request never displaces an address in use
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from . import canonical
+from .canonical import truncate
 from .kube import wants_address
 from .models import (
     ANN_LB_IPS,
@@ -27,10 +28,8 @@ from .models import (
     Reason,
     Service,
     family_of,
-    parse_address,
 )
 
-SHARING_KEY = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 FAMILIES: tuple[Family, ...] = ("IPv4", "IPv6")
 
 
@@ -80,17 +79,20 @@ class _State:
 def read_intent(service: Service) -> Intent:
     """Validate the allocation-related fields of one Service; raise IntentError naming the field."""
     requested: dict[Family, IPAddress] = {}
-    sources = []
+    sources: list[tuple[str, object]] = []
     if service.load_balancer_ip:
         sources.append(("spec.loadBalancerIP", service.load_balancer_ip))
     ann = service.annotations.get(ANN_LB_IPS)
     if ann is not None:
-        sources.extend((f"annotation {ANN_LB_IPS}", part) for part in ann.split(","))
+        # A comma list; spaces around the commas are list syntax, anything else is the address's.
+        sources.extend((f"annotation {ANN_LB_IPS}", part.strip(" ")) for part in ann.split(","))
     for where, text in sources:
         try:
-            address = parse_address(text.strip())
-        except ValueError:
-            raise IntentError(f"{where}: {text.strip()!r} is not an IP address") from None
+            # The API server refuses what is not canonical (a zone id, IPv4-mapped IPv6): such a
+            # request is never assigned, so it never blocks the address for anyone else.
+            address = canonical.address(text)
+        except canonical.Invalid as exc:
+            raise IntentError(f"{where}: {exc}") from None
         family = family_of(address)
         if family in requested and requested[family] != address:
             raise IntentError(f"{where}: more than one {family} address requested "
@@ -98,10 +100,10 @@ def read_intent(service: Service) -> Intent:
         requested[family] = address
     sharing = None
     if ANN_SHARED in service.annotations:
-        key = service.annotations[ANN_SHARED]
-        if not SHARING_KEY.match(key):
-            raise IntentError(f"annotation {ANN_SHARED}: {key!r} is not a valid sharing key "
-                              "(letters, digits, '-', '_', '.'; at most 63)")
+        try:
+            key = canonical.label_value(service.annotations[ANN_SHARED])
+        except canonical.Invalid as exc:
+            raise IntentError(f"annotation {ANN_SHARED}: not a valid sharing key: {exc}") from None
         sharing = (service.namespace, key)
     families = _families(service, requested)
     required = frozenset(families if service.ip_family_policy == "RequireDualStack" else families[:1])
@@ -112,9 +114,9 @@ def read_intent(service: Service) -> Intent:
     held = []
     for text in service.ingress_ips:
         try:
-            held.append(parse_address(text))
-        except ValueError:
-            continue
+            held.append(canonical.address(text))
+        except canonical.Invalid:
+            continue  # the API server never stores it; only a file read offline can hold one
     return Intent(
         service=service,
         families=families,
@@ -152,7 +154,7 @@ def allocate(
     for intent in intents:
         if intent.pool is not None and intent.pool not in known:
             state.problems.append(Problem(intent.service.key, Reason.ALLOCATION_FAILED,
-                                          f"annotation {ANN_POOL}: no pool named {intent.pool!r}"))
+                                          f"annotation {ANN_POOL}: no pool named {truncate(intent.pool)}"))
             continue
         usable.append(intent)
         state.assigned[intent.service.key] = {}
@@ -304,3 +306,18 @@ def _buggy_value(version: int, value: int) -> bool:
 def _slot(address: IPAddress) -> tuple[int, int]:
     return address.version, int(address)
 
+
+
+def orphaned_addresses(old: Sequence[Pool], new: Sequence[Pool], services: Iterable[Service]) -> list[str]:
+    """Addresses in use that a pools edit would drop from every pool: the edit is refused instead
+    (like MetalLB refusing pools that would orphan assigned IPs), so an address is never yanked."""
+    out = []
+    for service in services:
+        for text in service.ingress_ips:
+            try:
+                address = ipaddress.ip_address(text)
+            except ValueError:
+                continue
+            if any(p.contains(address) for p in old) and not any(p.contains(address) for p in new):
+                out.append(f"{text} ({service.key})")
+    return sorted(out)

@@ -10,6 +10,7 @@ from .models import (
     FINALIZER,
     LABEL_EXCLUDE,
     TAINT_AUTOSCALER_DELETE,
+    DesiredState,
     Node,
     Service,
     ServicePort,
@@ -56,9 +57,8 @@ def service_from_object(obj: Mapping[str, Any]) -> Service:
         ))
     affinity_cfg = ((spec.get("sessionAffinityConfig") or {}).get("clientIP") or {})
     timeout = _int_or_none(affinity_cfg.get("timeoutSeconds")) or 10800
-    ingress = tuple(
-        str(entry["ip"]) for entry in (status.get("loadBalancer") or {}).get("ingress") or [] if entry.get("ip")
-    )
+    entries = [e for e in (status.get("loadBalancer") or {}).get("ingress") or [] if e.get("ip")]
+    ingress = tuple(str(entry["ip"]) for entry in entries)
     return Service(
         namespace=namespace,
         name=name,
@@ -81,6 +81,8 @@ def service_from_object(obj: Mapping[str, Any]) -> Service:
         ingress_ips=ingress,
         deleting=bool(meta.get("deletionTimestamp")),
         finalizers=tuple(str(f) for f in meta.get("finalizers") or []),
+        resource_version=str(meta.get("resourceVersion") or ""),
+        ingress_modes=tuple(str(entry.get("ipMode") or "") for entry in entries),
     )
 
 
@@ -192,3 +194,80 @@ class ParsedObjects:
             return self._convert(obj)
         except (ObjectError, AttributeError, TypeError) as exc:
             return str(exc)
+
+
+# ---- the leader's writes, decided purely (the publisher only sends what these return) ----------
+
+Patch = dict[str, Any]
+
+
+def ingress_entries(ips: tuple[str, ...]) -> list[dict[str, str]]:
+    """status.loadBalancer.ingress for `ips`: the appliance proxies, so ipMode is Proxy."""
+    return [{"ip": ip, "ipMode": "Proxy"} for ip in ips]
+
+
+def status_is_current(service: Service, ips: tuple[str, ...]) -> bool:
+    return service.ingress_ips == ips and all(mode == "Proxy" for mode in service.ingress_modes)
+
+
+def needs_status_write(service: Service, vips: tuple[str, ...]) -> bool:
+    """The finalizer is missing, or the status does not say exactly these addresses as Proxy."""
+    return FINALIZER not in service.finalizers or not status_is_current(service, vips)
+
+
+def finalizer_patch(service: Service, present: bool) -> Patch | None:
+    """A merge patch adding or removing our finalizer; None when nothing needs writing.
+
+    resourceVersion makes it a compare-and-swap: a concurrent edit fails instead of being lost.
+    """
+    if (FINALIZER in service.finalizers) == present:
+        return None
+    finalizers = [*service.finalizers, FINALIZER] if present else [f for f in service.finalizers if f != FINALIZER]
+    return {"metadata": {"finalizers": finalizers, "resourceVersion": service.resource_version}}
+
+
+def ingress_patch(service: Service, ips: tuple[str, ...]) -> Patch | None:
+    """A status merge patch setting the ingress to `ips`; None when it already says so."""
+    if status_is_current(service, ips):
+        return None
+    return {"status": {"loadBalancer": {"ingress": ingress_entries(ips)}}}
+
+
+def publish_patch(service: Service, ips: tuple[str, ...]) -> Patch | None:
+    """Finalizer and addresses in one status write when the finalizer is missing (the status
+    subresource of a Service takes metadata.finalizers too, checked against kube-apiserver 1.34),
+    so the finalizer can never be missing while an address is published; else only the addresses."""
+    with_finalizer = finalizer_patch(service, present=True)
+    if with_finalizer is None:
+        return ingress_patch(service, ips)
+    return {**with_finalizer, "status": {"loadBalancer": {"ingress": ingress_entries(ips)}}}
+
+
+def published_only(assignments: Mapping[str, tuple[str, ...]],
+                   services: Iterable[Service]) -> dict[str, tuple[str, ...]]:
+    """Serve only addresses already written to status, of Services carrying our finalizer: both
+    boxes then serve the same thing, and no served address can be deleted unnoticed."""
+    status = {s.key: s.ingress_ips for s in services if FINALIZER in s.finalizers}
+    return {k: v for k, v in assignments.items() if set(v) <= set(status.get(k, ()))}
+
+
+def vip_users(state: DesiredState) -> dict[str, frozenset[str]]:
+    """Served VIP -> the Services served on it (more than one when they share it)."""
+    users: dict[str, set[str]] = {}
+    for vip, key in [(f.vip, f.service) for f in state.frontends] + [(u.vip, u.service) for u in state.udp]:
+        users.setdefault(vip, set()).add(key)
+    return {vip: frozenset(keys) for vip, keys in users.items()}
+
+
+def releasable(service: Service, load_balancer_class: str | None, users: Mapping[str, frozenset[str]]) -> bool:
+    """Our finalizer can go: the Service should no longer be served here (`needs_cleanup`) and none
+    of its addresses is still served for it alone. An address it shares stays served for the other
+    Services and does not hold this one back."""
+    if not needs_cleanup(service, load_balancer_class):
+        return False
+    return all(ip not in users or users[ip] - {service.key} for ip in service.ingress_ips)
+
+
+def must_clear_status(service: Service, load_balancer_class: str | None) -> bool:
+    """Before its finalizer goes, a Service that stays (its type changed) loses its addresses too."""
+    return bool(service.ingress_ips) and not service.deleting and not is_handled(service, load_balancer_class)

@@ -85,6 +85,10 @@ class Service:
     ingress_ips: tuple[str, ...] = ()
     deleting: bool = False
     finalizers: tuple[str, ...] = ()
+    # What a write needs: resourceVersion makes it a compare-and-swap, ipMode per ingress entry
+    # tells whether the status already says Proxy.
+    resource_version: str = ""
+    ingress_modes: tuple[str, ...] = ()
 
     @cached_property
     def key(self) -> str:

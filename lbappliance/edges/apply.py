@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -67,17 +68,45 @@ class DataPlane:
     _udp_health: Health | None = field(default=None, repr=False)
     _nft_text: str | None = field(default=None, repr=False)
     _keepalived_asked_at: float = field(default=float("-inf"), repr=False)
+    # A reload moved HAProxy's paths: the next apply starts a master on the new ones, which takes
+    # over this one's sockets; masters handed over finish their connections and are reaped here.
+    _moved_from: HAProxy | None = field(default=None, repr=False)
+    _retired: list[HAProxy] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
-        paths = self.config.paths
+        self.haproxy, self.keepalived, self.nft = self._handles(self.config)
+
+    def _handles(self, config: ApplianceConfig) -> tuple[HAProxy, Keepalived, Nftables]:
+        paths = config.paths
         Path(paths.state_dir).mkdir(parents=True, exist_ok=True)
         prefix = list(self.netns_prefix or [])
-        self.haproxy = HAProxy(paths.haproxy_config, paths.master_socket, paths.runtime_socket,
-                               paths.haproxy_pidfile, paths.haproxy_binary, prefix,
-                               f"{paths.state_dir}/haproxy.log")
-        self.keepalived = Keepalived(paths.keepalived_config, paths.state_dir, paths.keepalived_pidfile,
-                                     paths.keepalived_binary, prefix, f"{paths.state_dir}/keepalived.log")
-        self.nft = Nftables(paths.state_dir, paths.nft_binary, prefix)
+        return (HAProxy(paths.haproxy_config, paths.master_socket, paths.runtime_socket,
+                        paths.haproxy_pidfile, paths.haproxy_binary, prefix, f"{paths.state_dir}/haproxy.log"),
+                Keepalived(paths.keepalived_config, paths.state_dir, paths.keepalived_pidfile,
+                           paths.keepalived_binary, prefix, f"{paths.state_dir}/keepalived.log"),
+                Nftables(paths.state_dir, paths.nft_binary, prefix))
+
+    def reload(self, config: ApplianceConfig) -> None:
+        """Follow a new config: the handles on its paths, binaries and sockets, and the processes
+        with them. Fields that need a restart were refused before (`core/reloading.py`).
+
+        HAProxy on new paths is handed over to a new master at the next apply (it needs the new
+        file). keepalived keeps running: its pid files move to the new state dir (it writes them
+        only at start), and so do the VRRP states the notify hook recorded (they change only on a
+        transition); the next apply's keepalived.conf points the hook at the new dir.
+        """
+        old_haproxy, old_keepalived = self.haproxy, self.keepalived
+        self.config = config
+        self.haproxy, self.keepalived, self.nft = self._handles(config)
+        self.haproxy.proc = None
+        if (old_haproxy.argv(), old_haproxy.pidfile) != (self.haproxy.argv(), self.haproxy.pidfile):
+            if self.managed and old_haproxy.running():
+                self._moved_from = old_haproxy
+        else:
+            self.haproxy.proc = old_haproxy.proc
+        self.keepalived.proc = old_keepalived.proc
+        if old_keepalived.state_dir != self.keepalived.state_dir:
+            move_keepalived_state(old_keepalived, self.keepalived)
 
     @property
     def managed(self) -> bool:
@@ -104,6 +133,10 @@ class DataPlane:
             self.keepalived.stop()
         with contextlib.suppress(HaproxyError, OSError):
             self.haproxy.stop()
+        for retired in self._retired:
+            with contextlib.suppress(HaproxyError, OSError):
+                retired.stop()
+        self._retired.clear()
         if self._nft_text is not None and self._udp:
             with contextlib.suppress(NftError, OSError):
                 self.nft.remove()  # HAProxy is gone too: this box forwards nothing any more
@@ -119,7 +152,9 @@ class DataPlane:
         hap_new = _differs(paths.haproxy_config, rendered.haproxy)
         ka_new = _differs(paths.keepalived_config, rendered.keepalived)
         refusal = self._validate(rendered, hap_new, ka_new)
-        rejected = refusal[0] if refusal else self._validate_nft(state)
+        # One `show stat` and one ruleset text per apply: checked now, loaded after HAProxy.
+        nft_text = render_nft(state.udp, self._read_udp_health(state.udp))
+        rejected = refusal[0] if refusal else self._validate_nft(state.udp, nft_text)
         if rejected is not None:
             self.counts["rejected"] += 1
             return ApplyResult("rejected", message=rejected, seconds=time.monotonic() - start,
@@ -129,7 +164,7 @@ class DataPlane:
             kind, message = self._apply_haproxy(change, hap_new)
             ka_reloaded = self._apply_keepalived(ka_new)
             self._udp = state.udp
-            self._sync_nft()
+            self._load_nft(nft_text)
         except (HaproxyError, KeepalivedError, NftError, OSError) as exc:
             self.counts["failed"] += 1
             log.error("apply failed: %s", exc)
@@ -177,11 +212,11 @@ class DataPlane:
                 return f"{live}: {output}", blamed
         return None
 
-    def _validate_nft(self, state: DesiredState) -> str | None:
+    def _validate_nft(self, forwards: tuple[UdpForward, ...], text: str) -> str | None:
         """`nft -c` on the UDP ruleset (inside the box's namespace: the check talks to its kernel)."""
-        if not state.udp:
+        if not forwards:
             return None
-        verdict = self.nft.check(render_nft(state.udp, self._read_udp_health(state.udp)))
+        verdict = self.nft.check(text)
         if verdict.ok:
             return None
         log.error("rejected nftables ruleset: %s", verdict.output)
@@ -228,7 +263,10 @@ class DataPlane:
         return health
 
     def _sync_nft(self) -> bool:
-        text = render_nft(self._udp, self._read_udp_health(self._udp))
+        return self._load_nft(render_nft(self._udp, self._read_udp_health(self._udp)))
+
+    def _load_nft(self, text: str) -> bool:
+        """Load the ruleset `text` unless it is what runs; True when it was loaded."""
         if text == self._nft_text:
             return False
         if not self._udp and not self.nft.available():
@@ -245,6 +283,15 @@ class DataPlane:
 
     def _apply_haproxy(self, change: Change, file_new: bool) -> tuple[ApplyKind, str]:
         live = self.config.paths.haproxy_config
+        self._reap_retired()
+        if self._moved_from is not None:
+            old, self._moved_from = self._moved_from, None
+            if old.running():
+                self._swap(live)
+                self.haproxy.start(take_over=old)
+                self._retired.append(old)
+                self._pending.clear()  # the new master starts from the file
+                return "reload", "handed over to a master on the new paths"
         if change.kind == "runtime" and self.haproxy.running():
             self._swap(live)  # the file matches what the runtime ops produce, so a restart agrees
             try:
@@ -353,6 +400,10 @@ class DataPlane:
             finally:
                 os.close(dir_fd)
 
+    def _reap_retired(self) -> None:
+        """Masters handed over exit once their last connection is done; collect them."""
+        self._retired = [h for h in self._retired if h.proc is not None and h.proc.poll() is None]
+
     # ---- views
 
     def vrrp_states(self) -> dict[str, str]:
@@ -367,6 +418,16 @@ class DataPlane:
     @property
     def pending_deletes(self) -> frozenset[tuple[str, str]]:
         return frozenset(self._pending)
+
+
+def move_keepalived_state(old: Keepalived, new: Keepalived) -> None:
+    """A running keepalived's pid files and recorded VRRP states, into the new state dir."""
+    for before, after in [(old.pidfile, new.pidfile), (old.vrrp_pidfile, new.vrrp_pidfile),
+                          (old.checkers_pidfile, new.checkers_pidfile)]:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.move(before, after)
+    for name, state in read_vrrp_states(old.state_dir).items():
+        atomic_write(Path(new.state_dir) / f"vrrp-{name}.state", state + "\n")
 
 
 def _differs(path: str, text: str) -> bool:

@@ -1,7 +1,7 @@
 """Kubernetes edge: list+watch caches, leader election, and the leader's writes.
 
-Objects are kept as wire-format (camelCase) dicts so the pure core reads exactly what the
-API server sent. Each watch resumes from its last resourceVersion, relists on 410 Gone,
+Objects are cached as wire-format (camelCase) dicts, exactly what the API server sent, and
+leave this module parsed into core models. Each watch resumes from its last resourceVersion, relists on 410 Gone,
 and backs off while the API server is unreachable; the cache keeps its last contents
 meanwhile, so an API outage never withdraws a VIP.
 """
@@ -25,7 +25,16 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from ..core.models import FINALIZER, Reason
+from ..core.kube import (
+    ObjectError,
+    ParsedObjects,
+    Patch,
+    finalizer_patch,
+    ingress_patch,
+    publish_patch,
+    service_from_object,
+)
+from ..core.models import FINALIZER, Reason, Service
 
 log = logging.getLogger(__name__)
 COMPONENT = "lbappliance"
@@ -63,11 +72,6 @@ def stream_lines(resp: Any) -> Iterator[bytes]:
         yield from (line for line in lines if line.strip())
     if pending.strip():
         yield pending
-
-
-def _ingress(ips: tuple[str, ...]) -> list[dict[str, str]]:
-    """status.loadBalancer.ingress for `ips`: the appliance proxies, so ipMode is Proxy."""
-    return [{"ip": ip, "ipMode": "Proxy"} for ip in ips]
 
 
 def _key(obj: Mapping[str, Any]) -> str:
@@ -228,6 +232,13 @@ class LeaderElector:
     def is_leader(self) -> bool:
         return time.monotonic() < self._leader_until
 
+    def reload(self, namespace: str, name: str, lease_duration: float, renew_deadline: float) -> None:
+        """New lease settings: a different Lease is released first (the peer may take it at once)."""
+        if (namespace, name) != (self.namespace, self.name):
+            self.release()
+        self.namespace, self.name = namespace, name
+        self.lease_duration, self.renew_deadline = lease_duration, renew_deadline
+
     def try_acquire_or_renew(self) -> bool:
         """One attempt; on any API failure leadership lapses after renewDeadline on its own."""
         now = _microtime(dt.datetime.now(dt.UTC))
@@ -307,11 +318,18 @@ class LeaderElector:
 
 
 class Publisher:
-    """The leader's writes: finalizers, status, Events. Every write is idempotent and best effort."""
+    """The leader's writes: finalizers, status, Events. Every write is idempotent and best effort.
 
-    def __init__(self, api: client.ApiClient, identity: str) -> None:
+    What to write is decided in the core (`core/kube.py`); this only sends it. An answer is
+    handed to `on_written` (the cache, so the next pass sees our write before its watch event)
+    and comes back parsed: the raw objects never leave this module.
+    """
+
+    def __init__(self, api: client.ApiClient, identity: str,
+                 on_written: Callable[[Mapping[str, Any]], None] = lambda _obj: None) -> None:
         self.api = api
         self.identity = identity
+        self.on_written = on_written
         self.requests = 0
         self.status_takes_finalizers = True  # see publish()
 
@@ -333,7 +351,7 @@ class Publisher:
             raise ApiException(status=resp.status, reason=resp.reason)
         return resp.response
 
-    def _patch(self, namespace: str, name: str, body: dict[str, Any], status: bool = False) -> dict[str, Any] | None:
+    def _patch(self, namespace: str, name: str, body: Patch, status: bool = False) -> dict[str, Any] | None:
         path = f"/api/v1/namespaces/{quote(namespace)}/services/{quote(name)}" + ("/status" if status else "")
         try:
             result: dict[str, Any] = _read_json(self._send("PATCH", path, body, "application/merge-patch+json", 10))
@@ -348,61 +366,51 @@ class Publisher:
             return None
         return result
 
-    def set_finalizer(self, obj: Mapping[str, Any], present: bool) -> dict[str, Any] | None:
-        meta = obj["metadata"]
-        finalizers = list(meta.get("finalizers") or [])
-        if (FINALIZER in finalizers) == present:
-            return dict(obj)
-        finalizers = [*finalizers, FINALIZER] if present else [f for f in finalizers if f != FINALIZER]
-        # resourceVersion makes this a compare-and-swap: a concurrent edit fails instead of being lost.
-        body = {"metadata": {"finalizers": finalizers, "resourceVersion": meta.get("resourceVersion")}}
-        return self._patch(meta["namespace"], meta["name"], body)
+    def _write(self, service: Service, patch: Patch | None, status: bool) -> Service | None:
+        """Send `patch` (None: nothing to write, the Service stands); the Service as written, or
+        None when the write failed (it is retried by a later pass)."""
+        if patch is None:
+            return service
+        answer = self._patch(service.namespace, service.name, patch, status)
+        if answer is None:
+            return None
+        self.on_written(answer)
+        try:
+            return service_from_object(answer)
+        except (ObjectError, AttributeError, TypeError) as exc:
+            log.warning("Service %s: unreadable answer to our write: %s", service.key, exc)
+            return None
 
-    def publish(self, obj: Mapping[str, Any], ips: tuple[str, ...]) -> dict[str, Any] | None:
-        """Finalizer and addresses, in one write when the finalizer is missing.
+    def set_finalizer(self, service: Service, present: bool) -> Service | None:
+        return self._write(service, finalizer_patch(service, present), status=False)
 
-        The status subresource of a Service also takes metadata.finalizers (checked against
-        kube-apiserver 1.34), and resourceVersion makes the write a compare-and-swap. One write
-        instead of two per new Service is a third fewer API writes in a burst, and the finalizer
-        can never be missing while an address is published. An API server that drops the
-        metadata part is noticed on its answer: the finalizer follows in its own write, and from
-        then on goes first, as a separate write.
+    def set_ingress(self, service: Service, ips: tuple[str, ...]) -> Service | None:
+        return self._write(service, ingress_patch(service, ips), status=True)
+
+    def publish(self, service: Service, ips: tuple[str, ...]) -> Service | None:
+        """Finalizer and addresses, in one compare-and-swap write when the finalizer is missing
+        (`publish_patch`). An API server that drops the metadata part is noticed on its answer:
+        the finalizer follows in its own write, and from then on goes first, as a separate write.
         """
-        meta = obj["metadata"]
-        finalizers = list(meta.get("finalizers") or [])
-        if FINALIZER in finalizers:
-            return self.set_ingress(obj, ips)
-        if not self.status_takes_finalizers:
-            with_finalizer = self.set_finalizer(obj, present=True)
+        if not self.status_takes_finalizers and FINALIZER not in service.finalizers:
+            with_finalizer = self.set_finalizer(service, present=True)
             return None if with_finalizer is None else self.set_ingress(with_finalizer, ips)
-        body = {"metadata": {"finalizers": [*finalizers, FINALIZER], "resourceVersion": meta.get("resourceVersion")},
-                "status": {"loadBalancer": {"ingress": _ingress(ips)}}}
-        after = self._patch(meta["namespace"], meta["name"], body, status=True)
-        if after is None or FINALIZER in (after["metadata"].get("finalizers") or []):
+        after = self._write(service, publish_patch(service, ips), status=True)
+        if after is None or FINALIZER in after.finalizers:
             return after
         log.warning("this API server ignores finalizers written with status; writing them separately")
         self.status_takes_finalizers = False
         return self.set_finalizer(after, present=True)
 
-    def set_ingress(self, obj: Mapping[str, Any], ips: tuple[str, ...]) -> dict[str, Any] | None:
-        meta = obj["metadata"]
-        ingress = _ingress(ips)
-        current = ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
-        if [{"ip": i.get("ip"), "ipMode": i.get("ipMode")} for i in current] == ingress:
-            return dict(obj)
-        body = {"status": {"loadBalancer": {"ingress": ingress}}}
-        return self._patch(meta["namespace"], meta["name"], body, status=True)
-
-    def event(self, obj: Mapping[str, Any], reason: Reason, message: str, warning: bool = False) -> None:
+    def event(self, service: Service, reason: Reason, message: str, warning: bool = False) -> None:
         """Best effort: a failed Event is logged and never breaks the loop."""
-        meta = obj["metadata"]
         # A wire-format dict, not client models: the same fields, without building models for
         # the request and deserializing the answer (which nobody reads) into more of them.
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        involved = {"kind": "Service", "apiVersion": "v1", "name": meta["name"], "namespace": meta["namespace"],
-                    "uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")}
+        involved = {"kind": "Service", "apiVersion": "v1", "name": service.name, "namespace": service.namespace,
+                    "uid": service.uid or None, "resourceVersion": service.resource_version or None}
         body = {
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "metadata": {"generateName": f"{service.name}.", "namespace": service.namespace},
             "involvedObject": {k: v for k, v in involved.items() if v is not None},
             "reason": reason.value, "message": message[:1024], "type": "Warning" if warning else "Normal",
             "source": {"component": COMPONENT, "host": self.identity},
@@ -410,36 +418,56 @@ class Publisher:
             "reportingComponent": COMPONENT, "reportingInstance": self.identity,
         }
         try:
-            resp = self._send("POST", f"/api/v1/namespaces/{quote(meta['namespace'])}/events", body,
+            resp = self._send("POST", f"/api/v1/namespaces/{quote(service.namespace)}/events", body,
                               "application/json", 5)
             resp.drain_conn()  # read the answer to its end so the connection goes back to the pool
             resp.release_conn()
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-            log.info("Service %s/%s: event %s not recorded: %s", meta["namespace"], meta["name"], reason.value,
-                     getattr(exc, "reason", exc))
+            log.info("Service %s: event %s not recorded: %s", service.key, reason.value, getattr(exc, "reason", exc))
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """What a cache holds, as the core reads it: the readable objects and one line per unreadable one."""
+
+    items: tuple[Any, ...]
+    errors: tuple[str, ...]
 
 
 class Cluster:
-    """Caches of Services and Nodes plus the writers, behind one small surface for the daemon."""
+    """Caches of Services and Nodes plus the writers, behind one small surface for the daemon.
+
+    The caches hold wire-format dicts; what leaves is parsed (`ParsedObjects` re-reads an object
+    only when its uid or resourceVersion changed).
+    """
 
     def __init__(self, api: client.ApiClient, on_change: Callable[[], None], identity: str) -> None:
         core = client.CoreV1Api(api)
-        self.services = Informer("services", core.list_service_for_all_namespaces, on_change)
-        self.nodes = Informer("nodes", core.list_node, on_change)
-        self.publisher = Publisher(api, identity)
+        self._services = Informer("services", core.list_service_for_all_namespaces, on_change)
+        self._nodes = Informer("nodes", core.list_node, on_change)
+        self._parsed_services, self._parsed_nodes = ParsedObjects("Service"), ParsedObjects("Node")
+        self.publisher = Publisher(api, identity, self._services.update_local)
+
+    def services(self) -> Parsed:
+        items, errors = self._parsed_services.parse(self._services.items())
+        return Parsed(tuple(items), tuple(errors))
+
+    def nodes(self) -> Parsed:
+        items, errors = self._parsed_nodes.parse(self._nodes.items())
+        return Parsed(tuple(items), tuple(errors))
 
     def start(self) -> None:
-        self.services.start()
-        self.nodes.start()
+        self._services.start()
+        self._nodes.start()
 
     def stop(self) -> None:
-        self.services.stop()
-        self.nodes.stop()
+        self._services.stop()
+        self._nodes.stop()
 
     def wait_synced(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        return all(i.synced.wait(max(0.0, deadline - time.monotonic())) for i in (self.services, self.nodes))
+        return all(i.synced.wait(max(0.0, deadline - time.monotonic())) for i in (self._services, self._nodes))
 
     @property
     def requests(self) -> int:
-        return self.services.requests + self.nodes.requests + self.publisher.requests
+        return self._services.requests + self._nodes.requests + self.publisher.requests

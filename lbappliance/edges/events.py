@@ -14,17 +14,29 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Generic, NamedTuple, TypeVar
+
+from ..core.models import Reason, Service
 
 log = logging.getLogger(__name__)
+Item = TypeVar("Item")
 
 
-class DeferredEvents:
+class PendingEvent(NamedTuple):
+    """One Event to record on a Service."""
+
+    service: Service
+    reason: Reason
+    message: str
+    warning: bool = False
+
+
+class DeferredEvents(Generic[Item]):
     """One sender thread; Events wait while held, except those older than ``max_delay``."""
 
-    def __init__(self, send: Callable[..., None], max_delay: float = 30.0, limit: int = 10_000) -> None:
+    def __init__(self, send: Callable[[Item], None], max_delay: float = 30.0, limit: int = 10_000) -> None:
         self._send, self.max_delay, self.limit = send, max_delay, limit
-        self._queue: collections.deque[tuple[float, tuple[Any, ...]]] = collections.deque()
+        self._queue: collections.deque[tuple[float, Item]] = collections.deque()
         self._held = False
         self._stopping = False
         self.dropped = 0
@@ -32,14 +44,14 @@ class DeferredEvents:
         self._thread = threading.Thread(target=self._run, name="events", daemon=True)
         self._thread.start()
 
-    def submit(self, *args: Any) -> None:
+    def submit(self, item: Item) -> None:
         with self._cond:
             if len(self._queue) >= self.limit:
                 self._queue.popleft()
                 self.dropped += 1
                 if self.dropped == 1 or self.dropped % 1000 == 0:
                     log.warning("event queue full (%d); dropped %d oldest events so far", self.limit, self.dropped)
-            self._queue.append((time.monotonic(), args))
+            self._queue.append((time.monotonic(), item))
             self._cond.notify()
 
     def hold(self) -> None:
@@ -64,7 +76,7 @@ class DeferredEvents:
             self._cond.notify()
         self._thread.join(timeout)
 
-    def _next(self) -> tuple[Any, ...] | None:
+    def _next(self) -> Item | None:
         with self._cond:
             while True:
                 if self._queue:
@@ -78,8 +90,8 @@ class DeferredEvents:
                     self._cond.wait()
 
     def _run(self) -> None:
-        while (args := self._next()) is not None:
+        while (item := self._next()) is not None:
             try:
-                self._send(*args)
+                self._send(item)
             except Exception:  # best effort: a failed Event never stops the ones after it
                 log.exception("sending an event failed")

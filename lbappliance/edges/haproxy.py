@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files import read_text
-from .processes import spawn_logged, stop_child, wait_ready
+from .processes import alive, spawn_logged, stop_child, stop_pid, wait_ready
 
 
 class HaproxyError(RuntimeError):
@@ -129,13 +129,23 @@ class HAProxy:
         """Foreground master-worker; the pidfile comes from the config's `pidfile` (a second -p warns)."""
         return [*self.argv_prefix, self.binary, "-W", "-S", f"{self.master_socket},mode,600", "-f", self.config_path]
 
-    def start(self, timeout: float = 15.0) -> None:
-        """Start the master (managed mode) and wait until a worker answers on the runtime socket."""
+    def start(self, timeout: float = 15.0, take_over: HAProxy | None = None) -> None:
+        """Start the master (managed mode) and wait until a worker answers on the runtime socket.
+
+        `take_over`: a running master on other paths (a reload moved the state dir). The new one
+        receives its listening sockets over its runtime socket (`-x`, `expose-fd listeners`), so
+        no connection is refused in between, then tells it to finish its connections and exit
+        (`-sf`): the same hand-over a seamless reload does, across paths.
+        """
         if self.running():
             raise HaproxyError(f"haproxy already running as pid {self.master_pid()}")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.pidfile)
-        self.proc = spawn_logged(self.argv(), self.log_path)
+        argv = self.argv()
+        old_pid = take_over.master_pid() if take_over is not None else None
+        if take_over is not None and old_pid is not None:
+            argv += ["-x", take_over.runtime_socket, "-sf", str(old_pid)]
+        self.proc = spawn_logged(argv, self.log_path)
         problem = wait_ready(self.proc, lambda: bool(self.show_proc().workers and self.runtime("show info")),
                              timeout, (HaproxyError,))
         if problem is not None:
@@ -149,13 +159,7 @@ class HAProxy:
 
     def running(self) -> bool:
         pid = self.master_pid()
-        if pid is None:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return not (self.proc is not None and self.proc.poll() is not None)
+        return pid is not None and alive(pid) and not (self.proc is not None and self.proc.poll() is not None)
 
     def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
         """Stop the master (it stops its workers); SIGKILL the group if it lingers."""
@@ -163,11 +167,8 @@ class HAProxy:
             stop_child(self.proc, sig, timeout)
             return
         pid = self.master_pid()
-        if pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        _wait_gone(pid, timeout)
+        if pid is not None:
+            stop_pid(pid, sig, timeout)
 
     # ---- master CLI
 
@@ -307,14 +308,3 @@ def _info_pid(text: str) -> int:
             return int(line.split(":", 1)[1])
     raise ValueError("no Pid in show info")
 
-
-def _wait_gone(pid: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.02)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)

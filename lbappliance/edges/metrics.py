@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -11,6 +12,8 @@ from ..core.models import Allocation, Pool
 
 class Metrics:
     def __init__(self) -> None:
+        self.address: str | None = None
+        self._server: WSGIServer | None = None
         self.registry = CollectorRegistry()
         r = self.registry
         self.reconcile_seconds = Histogram("lbappliance_reconcile_duration_seconds", "One reconcile pass",
@@ -37,8 +40,21 @@ class Metrics:
                                     registry=r)
 
     def serve(self, address: str) -> None:
+        """Serve /metrics on `address`; a new address moves the server (the old one stops)."""
+        if address == self.address:
+            return
         host, _, port = address.rpartition(":")
-        start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        self._server, self.address = server, address
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server, self.address = None, None
 
     def record_pools(self, pools: tuple[Pool, ...], allocation: Allocation) -> None:
         in_use: dict[str, int] = {}

@@ -17,7 +17,8 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from lbappliance.core.models import Reason
+from lbappliance.core.kube import service_from_object
+from lbappliance.core.models import Reason, Service
 from lbappliance.edges.cluster import Informer, LeaderElector, Publisher
 
 Answer = tuple[int, bytes] | Callable[[], tuple[int, bytes]]
@@ -187,7 +188,7 @@ def test_patch_errors_are_none(status: int) -> None:
 def test_event_body_is_the_model_event_in_wire_format() -> None:
     pool = FakePool([(201, b'{"kind":"Event"}')])
     api = api_with(pool)
-    Publisher(api, "app1").event({"metadata": {"name": "a", "namespace": "ns", "uid": "u-1", "resourceVersion": "5"}},
+    Publisher(api, "app1").event(Service("ns", "a", uid="u-1", resource_version="5"),
                                  Reason.ALLOCATED, "x" * 2000, warning=True)
     method, url, sent = pool.requests[0]
     assert method == "POST" and url.endswith("/api/v1/namespaces/ns/events")
@@ -221,7 +222,7 @@ def test_writes_carry_the_clients_credentials_refreshed_and_its_user_agent() -> 
     api.configuration.refresh_api_key_hook = lambda c: c.api_key.update(authorization=next(tokens))
     pub = Publisher(api, "app1")
     pub._patch("ns", "a", {"status": {}}, status=True)
-    pub.event({"metadata": {"name": "a", "namespace": "ns"}}, Reason.ALLOCATED, "hello")
+    pub.event(Service("ns", "a"), Reason.ALLOCATED, "hello")
     assert [h["authorization"] for h in pool.headers] == ["Bearer first", "Bearer second"]
     assert pool.headers[0]["Content-Type"] == "application/merge-patch+json"
     assert pool.headers[1]["Content-Type"] == "application/json"
@@ -231,7 +232,7 @@ def test_writes_carry_the_clients_credentials_refreshed_and_its_user_agent() -> 
 
 def test_event_without_uid_omits_it_and_failures_are_swallowed() -> None:
     pool = FakePool([(403, b'{"kind":"Status","code":403}')])
-    Publisher(api_with(pool), "app1").event({"metadata": {"name": "a", "namespace": "ns"}}, Reason.RELEASED, "bye")
+    Publisher(api_with(pool), "app1").event(Service("ns", "a"), Reason.RELEASED, "bye")
     assert pool.requests[0][2]["involvedObject"] == {"kind": "Service", "apiVersion": "v1", "name": "a",
                                                      "namespace": "ns"}
 
@@ -263,10 +264,12 @@ def _served(rv: str, finalizers: list[str], ips: list[str]) -> dict[str, Any]:
 def test_publish_writes_finalizer_and_status_in_one_compare_and_swap() -> None:
     after = _served("11", ["other.io/x", FIN], ["192.0.2.10"])
     pool = FakePool([(200, json.dumps(after).encode())])
-    pub = Publisher(api_with(pool), "app1")
+    written: list[Any] = []
+    pub = Publisher(api_with(pool), "app1", written.append)
     new = svc("a", "10", metadata={"name": "a", "namespace": "ns", "resourceVersion": "10",
                                    "finalizers": ["other.io/x"]})
-    assert pub.publish(new, ("192.0.2.10",)) == after
+    assert pub.publish(service_from_object(new), ("192.0.2.10",)) == service_from_object(after)
+    assert written == [after]  # the answer goes to the cache; the raw dict stays in the edge
     [(method, url, sent)] = pool.requests
     assert method == "PATCH" and url.endswith("/api/v1/namespaces/ns/services/a/status")
     assert sent == {"metadata": {"finalizers": ["other.io/x", FIN], "resourceVersion": "10"},
@@ -276,7 +279,7 @@ def test_publish_writes_finalizer_and_status_in_one_compare_and_swap() -> None:
 def test_publish_with_the_finalizer_in_place_writes_only_the_status() -> None:
     pool = FakePool([(200, json.dumps(_served("12", [FIN], ["192.0.2.11"])).encode())])
     pub = Publisher(api_with(pool), "app1")
-    pub.publish(_served("11", [FIN], ["192.0.2.10"]), ("192.0.2.11",))
+    pub.publish(service_from_object(_served("11", [FIN], ["192.0.2.10"])), ("192.0.2.11",))
     [(_, url, sent)] = pool.requests
     assert url.endswith("/status") and sent == {"status": {"loadBalancer": {"ingress": [
         {"ip": "192.0.2.11", "ipMode": "Proxy"}]}}}
@@ -291,9 +294,27 @@ def test_publish_falls_back_to_finalizer_first_when_status_drops_metadata() -> N
                                                                 "finalizers": [FIN]})).encode()),
                      (200, json.dumps(_served("22", [FIN], ["192.0.2.11"])).encode())])
     pub = Publisher(api_with(pool), "app1")
-    first = pub.publish(svc("a", "10"), ("192.0.2.10",))
-    assert first is not None and FIN in first["metadata"]["finalizers"]
+    first = pub.publish(service_from_object(svc("a", "10")), ("192.0.2.10",))
+    assert first is not None and FIN in first.finalizers
     assert not pub.status_takes_finalizers
-    pub.publish(svc("b", "20"), ("192.0.2.11",))
+    pub.publish(service_from_object(svc("b", "20")), ("192.0.2.11",))
     urls = [url.split("/services/")[1] for _, url, _ in pool.requests]
     assert urls == ["a/status", "a", "b", "b/status"]
+
+
+def test_a_status_that_already_says_proxy_is_not_written_again() -> None:
+    pool = FakePool([])
+    pub = Publisher(api_with(pool), "app1")
+    current = service_from_object(_served("11", [FIN], ["192.0.2.10"]))
+    assert pub.publish(current, ("192.0.2.10",)) is current
+    assert pool.requests == []
+
+
+def test_an_ingress_without_ipmode_proxy_is_rewritten() -> None:
+    obj = svc("a", "11", metadata={"name": "a", "namespace": "ns", "resourceVersion": "11", "finalizers": [FIN]},
+              status={"loadBalancer": {"ingress": [{"ip": "192.0.2.10", "ipMode": "VIP"}]}})
+    pool = FakePool([(200, json.dumps(_served("12", [FIN], ["192.0.2.10"])).encode())])
+    Publisher(api_with(pool), "app1").publish(service_from_object(obj), ("192.0.2.10",))
+    [(_, url, sent)] = pool.requests
+    assert url.endswith("/status") and sent["status"]["loadBalancer"]["ingress"] == [
+        {"ip": "192.0.2.10", "ipMode": "Proxy"}]

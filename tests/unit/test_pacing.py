@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lbappliance.daemon import FREE_APPLY, MAX_APPLY_GAP, apply_at, apply_gap
+from lbappliance.daemon.pacing import FREE_APPLY, MAX_APPLY_GAP, apply_at, apply_gap
 
 
 def test_quick_applies_are_not_paced() -> None:

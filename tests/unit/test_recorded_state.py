@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lbappliance.core.models import DesiredState, Problem, Reason
-from lbappliance.daemon import recorded_state
+from lbappliance.core.report import recorded_state
 
 OLD = DesiredState(frontends=(), vrrp=(), served={"default/web": ("192.0.2.10",)})
 NEW = DesiredState(frontends=(), vrrp=(), served={"default/web": ("192.0.2.10",), "default/api": ("192.0.2.11",)},

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lbappliance.core.render import services_on_lines
-from lbappliance.daemon import refusal_message
+from lbappliance.core.report import refusal_message
 
 CFG = (Path(__file__).resolve().parent.parent / "golden" / "shared-ip" / "haproxy.cfg").read_text()
 LINES = CFG.splitlines()

@@ -1,0 +1,32 @@
+"""Which config.yaml changes a SIGHUP can apply, and which need a restart (docs/design.md lists them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import ApplianceConfig
+
+# Always: the identity names the lease holder and every Event's source; the process mode decides
+# who owns haproxy and keepalived; keepalived reads its config path and binary only at start.
+RESTART_FIELDS = ("name", "processMode", "paths.keepalivedConfig", "paths.keepalivedBinary")
+# External mode: systemd's units hold these in their command lines, so the daemon cannot move them.
+EXTERNAL_RESTART_FIELDS = ("paths.stateDir", "paths.haproxyConfig", "paths.haproxyBinary")
+
+
+def _field(config: ApplianceConfig, dotted: str) -> Any:
+    data: Any = config.model_dump(by_alias=True)
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
+def restart_required(old: ApplianceConfig, new: ApplianceConfig) -> tuple[str, ...]:
+    """The fields that differ between `old` and `new` and cannot change while running."""
+    fields = RESTART_FIELDS + (EXTERNAL_RESTART_FIELDS if old.process_mode == "external" else ())
+    return tuple(f for f in fields if _field(old, f) != _field(new, f))
+
+
+def changed_sections(old: ApplianceConfig, new: ApplianceConfig) -> tuple[str, ...]:
+    """Top-level config.yaml keys that differ, for the reload's log line."""
+    before, after = old.model_dump(by_alias=True), new.model_dump(by_alias=True)
+    return tuple(sorted(k for k in after if before.get(k) != after[k]))

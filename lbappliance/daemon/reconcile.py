@@ -1,0 +1,128 @@
+"""One reconcile pass, level-triggered: read the caches, allocate, publish (leader), serve,
+release, report. Returns its verdict in one line.
+
+The order is the contract, and the unit tests of the pass hold it: the leader publishes before
+anything is served; only what is published is served; a finalizer goes only after the apply that
+withdrew its VIP succeeded; a Service HAProxy refuses costs only itself; a follower's pass is all
+apply, so while applies are paced it just waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+from ..core.config import ApplianceConfig
+from ..core.ipam import allocate
+from ..core.models import Allocation, DesiredState, Node, Pool, Problem, Service
+from ..core.perf import gc_paused
+from ..core.plan import Snapshot, plan
+from ..core.report import REJECTED_KINDS, PassVerdict, describe_apply, recorded_state
+from ..edges.cluster import Parsed
+from ..edges.metrics import Metrics
+from .pacing import ApplyPacer
+from .publish import LeaderWrites
+from .record import BoxViews, record
+from .serve import Applier, serve
+
+log = logging.getLogger("lbappliance.daemon")
+
+
+class ClusterReader(Protocol):
+    def services(self) -> Parsed: ...
+    def nodes(self) -> Parsed: ...
+
+
+class DataPlanePort(Applier, BoxViews, Protocol):
+    """The data plane as a pass sees it: apply, and the views status.json reports."""
+
+
+@dataclass
+class Reconciler:
+    """The pass and the little it remembers between passes (what runs, what HAProxy refused)."""
+
+    cluster: ClusterReader
+    data_plane: DataPlanePort
+    writes: LeaderWrites
+    metrics: Metrics
+    identity: str
+    pacer: ApplyPacer = field(default_factory=ApplyPacer)
+    last_good: DesiredState | None = None
+    refusals: tuple[Problem, ...] = ()  # Services HAProxy refused at the last apply
+    served_once: bool = False  # the first apply succeeded (systemd READY=1)
+    _unreadable: frozenset[str] = frozenset()
+
+    def run_pass(self, config: ApplianceConfig, pools: tuple[Pool, ...], leader: bool) -> PassVerdict:
+        start = time.perf_counter()
+        try:
+            with gc_paused():
+                return self._pass(config, pools, leader)
+        except Exception as exc:
+            self.metrics.errors.inc()
+            log.exception("reconcile pass failed; the data plane keeps its last good state")
+            return PassVerdict(leader, failed=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.metrics.reconciles.inc()
+            self.metrics.reconcile_seconds.observe(time.perf_counter() - start)
+
+    def _read(self) -> tuple[tuple[Service, ...], tuple[Node, ...]]:
+        services, nodes = self.cluster.services(), self.cluster.nodes()
+        errors = frozenset((*services.errors, *nodes.errors))
+        for error in sorted(errors - self._unreadable):  # once per object and version, not every pass
+            log.warning("ignoring unreadable object: %s", error)
+        self._unreadable = errors
+        return services.items, nodes.items
+
+    def _pass(self, config: ApplianceConfig, pools: tuple[Pool, ...], leader: bool) -> PassVerdict:
+        if not leader and not self.pacer.due():
+            self.pacer.defer()  # a follower's pass is all apply: while applies are paced, it waits
+            return PassVerdict(leader)
+        services, nodes = self._read()
+        allocation = allocate(pools, list(services), config.cluster.load_balancer_class)
+        snapshot = Snapshot(services, nodes, pools, config)
+        proposed = plan(snapshot, allocation)
+        wrote = 0
+        if leader:
+            published = self.writes.publish(proposed.served, allocation.pool_of, services)
+            self.pacer.writes(published.wanted > 0)
+            services, wrote = published.services, published.written
+        else:
+            self.pacer.writes(False)
+        verdict = PassVerdict(leader, wrote=wrote)
+        if self.pacer.due():
+            verdict = self._serve(replace(snapshot, services=services), allocation, pools, leader, verdict)
+        else:
+            self.pacer.defer()  # published now; served by the paced apply (see Daemon.run)
+        if leader:  # refusals are those of the last apply, so a paced pass keeps their Events
+            self.writes.report((*proposed.problems, *self.refusals), services)
+        return verdict
+
+    def _serve(self, snapshot: Snapshot, allocation: Allocation, pools: tuple[Pool, ...], leader: bool,
+               verdict: PassVerdict) -> PassVerdict:
+        """Apply what is published, then release what was withdrawn and record what runs."""
+        served = serve(snapshot, allocation, self.data_plane)
+        result = served.result
+        self.refusals = served.refusals
+        self.pacer.applied(result.seconds)
+        self.metrics.applies.labels(result.kind).inc()
+        released = 0
+        if result.kind in REJECTED_KINDS:
+            log.error("data plane %s the new config; still serving the previous one: %s", result.kind,
+                      result.message)
+        else:
+            self.last_good = served.state
+            if leader:
+                released = self.writes.release(served.state, snapshot.services,
+                                               snapshot.config.cluster.load_balancer_class)
+            self.served_once = True
+        record(self.metrics, self.data_plane, state=recorded_state(result.kind, served.state, self.last_good),
+               allocation=allocation, pools=pools, identity=self.identity, leader=leader,
+               apply_kind=result.kind, apply_message=result.message,
+               status_path=Path(snapshot.config.paths.state_dir) / "status.json")
+        change = result.change
+        apply = describe_apply(result.kind, change.reasons if change else (), change.runtime_ops if change else 0)
+        return replace(verdict, released=released, apply=apply, refused=tuple(p.service for p in served.refusals))
+
