@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lbappliance.edges.cluster import stream_lines  # noqa: E402
-from lbappliance.testing.appliances import make_pair, node_objects, pools_yaml, wait_for  # noqa: E402
+from lbappliance.testing.appliances import pools_yaml, start_daemons  # noqa: E402
+from lbappliance.testing.wait import wait_for  # noqa: E402
 
 WAITER = r"""
 import http.client, sys, time
@@ -276,7 +277,7 @@ def burst(core: Any, ns: str, count: int, apps: tuple[Any, ...]) -> tuple[float,
 def main() -> None:
     from kubernetes import client, config
 
-    from lbappliance.testing.controlplane import ControlPlane, apply_manifest, find_binaries
+    from lbappliance.testing.controlplane import ControlPlane, find_binaries
     from lbappliance.testing.netlab import NetworkLab
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -287,21 +288,13 @@ def main() -> None:
     with ControlPlane(find_binaries(REPO)) as cp, NetworkLab(prefix="lbb", nodes=3, workdir=work / "lab") as lab:
         admin = config.new_client_from_config(config_file=str(cp.admin_kubeconfig))
         core = client.CoreV1Api(admin)
-        apply_manifest(admin, REPO / "deploy" / "rbac.yaml")
-        for node in node_objects(lab):
-            core.create_node(node)
-        if args.one_by_one:
-            lab.serve_nodeports(range(30100, 30100 + args.one_by_one))
-        lab.serve_health_ports()
         pools = pools_yaml(["192.0.2.128/25", "198.51.100.0/24", "203.0.113.0/24"])
         for extra in ("198.51.100.0/24", "203.0.113.0/24"):  # VIPs beyond the lab subnet are on-link too
             lab.exec("client", ["ip", "route", "add", extra, "dev", "eth0"])
         baseline = api_server_alone(core, args.burst)
-        app1, app2 = make_pair(lab, work, cp.appliance_kubeconfig, pools=pools, health_ms=5000)
-        app1.start()
-        app2.start()
+        app1, app2 = start_daemons(admin, lab, work, cp.appliance_kubeconfig, rbac=REPO / "deploy" / "rbac.yaml",
+                                   nodeports=range(30100, 30100 + args.one_by_one), pools=pools, health_ms=5000)
         try:
-            wait_for(lambda: app1.status() and app2.status(), 60, what="daemons")
             for ns in ("one", "burst"):
                 core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
             req0 = sum(a.metric("lbappliance_api_requests") or 0 for a in (app1, app2))

@@ -29,30 +29,34 @@ from lbappliance.edges.apply import DataPlane
 from lbappliance.edges.files import atomic_write
 from lbappliance.edges.haproxy import HAProxy
 from lbappliance.testing.netlab import NetworkLab
-from tests.integration.test_active_active import active_active_configs, held_vips, many_services
-from tests.integration.test_dataplane import (
+from lbappliance.testing.planes import (
+    ECHO_NODE_PORT,
+    ECHO_VIP,
     NODE_PORT,
     VIP,
-    WrkResult,
-    appliance_config,
+    active_active_configs,
     dataplane,
-    finish_wrk,
+    dual_nodes,
+    dual_state,
+    held_vips,
     lab_nodes,
     lab_state,
-    run_wrk,
-    start_wrk,
+    many_services,
+    measure,
+    pair_configs,
+    plane_config,
+    start_pair,
+    udp_services,
     web_service,
 )
-from tests.integration.test_failover import measure, start_pair
-from tests.integration.test_udp import ECHO_NODE_PORT, ECHO_VIP, box_configs, dual_nodes, udp_services
-from tests.integration.test_udp import lab_state as dual_lab_state
+from lbappliance.testing.wrk import WrkResult, finish_wrk, run_wrk, start_wrk
 
 Row = tuple[str, str, str]
 REPEATS = 3
 
 
 def throughput(lab: NetworkLab, work: Path) -> list[Row]:
-    config = appliance_config(work / "tp", "app1", priority=150, src="192.0.2.2", peer="192.0.2.3", check_ms=1000)
+    config = plane_config(work / "tp", "app1", priority=150, check_ms=1000)
     dp = dataplane(lab, config, "app1")
     try:
         dp.start()
@@ -176,8 +180,7 @@ def failover(lab: NetworkLab, work: Path, runs: int = 5) -> list[Row]:
                 action = pair.planes[active].stop if kind == "planned" else (lambda p=pair, a=active: p.hard_kill(a))
                 out.append(measure(lab, action).max_gap)
             finally:
-                for dp in pair.planes.values():
-                    dp.stop()
+                pair.stop()
     return [
         (f"planned failover outage (median of {runs})", f"{statistics.median(planned):.3f} s",
          f"all: {', '.join(f'{x:.3f}' for x in planned)}; target <= 0.2 s"),
@@ -204,8 +207,7 @@ def scale(lab: NetworkLab, work: Path) -> list[Row]:
     # longer need an fd per check (~36k before, over this container's 20,000 limit); 5,000 x 1
     # stays for comparison with the earlier figure.
     for count, servers in ((1000, all_servers), (5000, all_servers[:1]), (5000, all_servers)):
-        config = appliance_config(work / f"scale{count}x{len(servers)}", "app1", priority=150, src="192.0.2.2",
-                                  peer="192.0.2.3", check_ms=60000)
+        config = plane_config(work / f"scale{count}x{len(servers)}", "app1", priority=150, check_ms=60000)
         config = config.model_copy(update={"haproxy": config.haproxy.model_copy(update={"maxconn": 500})})
         paths = config.paths
         Path(paths.state_dir).mkdir(parents=True, exist_ok=True)
@@ -298,11 +300,11 @@ def udp_load(lab: NetworkLab, targets: list[str], seconds: float = 6, flows: int
 
 def udp(lab: NetworkLab, work: Path) -> list[Row]:
     lab.serve_udp([ECHO_NODE_PORT])
-    config, _ = box_configs(work / "udp", check_ms=1000)
+    config, _ = pair_configs(work / "udp", dual=True, check_ms=1000)
     dp = dataplane(lab, config, "app1")
     try:
         dp.start()
-        dp.apply(dual_lab_state(config, udp_services(), dual_nodes(lab)))
+        dp.apply(dual_state(config, udp_services(), dual_nodes(lab)))
         time.sleep(1.5)
         direct = udp_load(lab, [f"{h.ipv4}:{ECHO_NODE_PORT}" for h in lab.nodes])
         via = udp_load(lab, [f"{ECHO_VIP}:7"])
@@ -326,7 +328,7 @@ def active_active(lab: NetworkLab, work: Path) -> list[Row]:
         states = {}
         for box, dp in planes.items():
             dp.start()
-            states[box] = dual_lab_state(configs[box], many_services(), dual_nodes(lab))
+            states[box] = dual_state(configs[box], many_services(), dual_nodes(lab))
             dp.apply(states[box])
         deadline = time.monotonic() + 15
         owned = {box: held_vips(lab, box) for box in planes}

@@ -20,22 +20,23 @@ def lab() -> None:
 @click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 20))
 def up(nodes: int) -> None:
     """Start everything, apply examples/*.yaml, and show each Service answering through its VIP."""
-    from ..lab import WORKDIR, LabFailure
-    from ..lab import up as lab_up
+    from ..testing.lab import LabFailure
+    from ..testing.lab import up as lab_up
 
     try:
-        rows = lab_up(nodes, click.echo)
+        rows, workdir = lab_up(nodes, click.echo)
     except LabFailure as exc:
         fail(f"lab up: {exc}")
     click.echo()
     click.echo(table(rows, ("service", "vip", "ports", "holder", "answer")))
-    kubeconfig = WORKDIR / "controlplane" / "admin.kubeconfig"
+    kubeconfig = workdir / "controlplane" / "admin.kubeconfig"
     sample = next((r for r in rows if r["ports"] == "80/TCP"), rows[0])
     url = f"http://{sample['vip']}:{sample['ports'].split('/')[0]}/"
     click.echo(f"""
-The lab stays up. Try:
+The lab stays up (in {workdir}). Try:
   lbappliance lab exec client -- python3 -c "import urllib.request as u; print(u.urlopen('{url}').read())"
-  lbappliance status --config {WORKDIR}/app1.yaml
+  lbappliance status --config {workdir}/app1.yaml
+  lbappliance lab status
   lbappliance lab failover
   lbappliance lab down""")
     if shutil.which("kubectl"):
@@ -45,10 +46,29 @@ The lab stays up. Try:
 
 
 @lab.command()
+def status() -> None:
+    """Where the running lab lives (its private directory) and whether its processes run."""
+    from ..testing.lab import LabFailure
+    from ..testing.lab import status as lab_status
+
+    try:
+        info = lab_status()
+    except LabFailure as exc:
+        fail(f"lab status: {exc}")
+    click.echo(f"{'lab directory':<18}{info['workdir']}")
+    click.echo(f"{'admin kubeconfig':<18}{info['admin_kubeconfig']}")
+    for name, config in info["configs"].items():
+        click.echo(f"{name + ' config':<18}{config}")
+    click.echo()
+    click.echo(table([{**p, "running": "yes" if p["running"] else "NO"} for p in info["processes"]],
+                     ("name", "pid", "running")))
+
+
+@lab.command()
 def failover() -> None:
     """Stop the appliance that holds the VIP; show the VIP moving and the measured outage."""
-    from ..lab import LabFailure
-    from ..lab import failover as lab_failover
+    from ..testing.lab import LabFailure
+    from ..testing.lab import failover as lab_failover
 
     try:
         lab_failover(click.echo)
@@ -59,7 +79,7 @@ def failover() -> None:
 @lab.command()
 def down() -> None:
     """Remove namespaces, processes and files; safe to run twice and after a crash."""
-    from ..lab import down as lab_down
+    from ..testing.lab import down as lab_down
 
     lab_down(click.echo)
 
@@ -69,10 +89,11 @@ def down() -> None:
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED, required=True)
 def exec_(host: str, argv: tuple[str, ...]) -> None:
     """Run a command on a lab host (app1, app2, client, node1…)."""
-    from ..lab import LabFailure, _load
+    from ..testing.lab import LabFailure
+    from ..testing.lab import hosts as lab_hosts
 
     try:
-        hosts = _load()["hosts"]
+        hosts = lab_hosts()
     except LabFailure as exc:
         fail(str(exc))
     if host not in hosts:

@@ -1,4 +1,10 @@
-"""Starting the daemons we manage: detached, logged to a file, and awaited until they are ready."""
+"""Processes we start: spawning them detached and logged, awaiting them, telling whether they live, stopping them.
+
+One place for liveness and stopping, used by the HAProxy and keepalived edges and by the test
+harnesses (control plane, network lab, appliance daemons, `lbappliance lab`): each stops only what
+it started, by PID, and a PID is trusted only while it still names the process that was started
+(its start time in /proc pins it across PID reuse).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def spawn_logged(argv: list[str], log_path: str | None) -> subprocess.Popen[bytes]:
@@ -34,15 +41,88 @@ def wait_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout
     return f"not ready within {timeout}s"
 
 
-def stop_child(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> None:
-    """Signal a child we started; SIGKILL its whole group if it lingers or leaves helpers behind."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, sig)
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name (which may hold spaces and parentheses)."""
     try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie; another user's process counts (it exists)."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def start_time(pid: int) -> int | None:
+    """Start time in clock ticks since boot: with the PID it names one process across PID reuse."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields is not None else None
+
+
+def process_group(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[2]) if fields is not None else None
+
+
+def command_line(pid: int) -> list[str] | None:
+    """argv of a live process; None once it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]] if raw else []
+
+
+def signal_and_wait(pid: int, sig: int, timeout: float, popen: subprocess.Popen[bytes] | None = None) -> bool:
+    """Send `sig`, wait up to `timeout` for the process to go; True when it did.
+
+    With `popen` (our child) it is reaped as it goes; otherwise a zombie counts as gone.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+    def gone() -> bool:
+        return popen.poll() is not None if popen is not None else not alive(pid)
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gone():
+            return True
+        time.sleep(0.02)
+    return gone()
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL what remains of a process group we created with start_new_session.
+
+    Linux does not reuse a PID while it is still some group's id, so this only hits our children
+    (HAProxy workers or keepalived's VRRP child outliving their parent, for example).
+    """
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # workers or VRRP children that outlived the parent
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def stop_pid(pid: int, sig: int = signal.SIGTERM, timeout: float = 10.0, started: int | None = None) -> bool:
+    """Stop one process by PID: `sig`, then SIGKILL if it lingers past `timeout`.
+
+    With `started` (its start time when we started it) a PID that now names another process is left
+    alone. False when there was nothing of ours to stop.
+    """
+    if not alive(pid) or (started is not None and start_time(pid) != started):
+        return False
+    if not signal_and_wait(pid, sig, timeout):
+        signal_and_wait(pid, signal.SIGKILL, timeout)
+    return True
+
+
+def stop_child(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+    """Signal a child we started in its own session; SIGKILL its whole group if it lingers or leaves
+    helpers behind. Returns its exit status."""
+    if proc.poll() is None and not signal_and_wait(proc.pid, sig, timeout, popen=proc):
+        kill_group(proc.pid)
+        signal_and_wait(proc.pid, signal.SIGKILL, timeout, popen=proc)
+    kill_group(proc.pid)  # workers or VRRP children that outlived the parent
+    return proc.poll()

@@ -6,24 +6,31 @@ HAProxy and keepalived inside its appliance host's namespace via `--netns`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .controlplane import free_port
-from .netlab import VIP_POOL_V4, VIP_POOL_V6, NetworkLab
+from lbappliance.edges.processes import stop_child
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+from .controlplane import apply_manifest, free_port
+from .netlab import VIP_POOL_V4, VIP_POOL_V6, NetworkLab
+from .wait import wait_for
+
+#: Shipped in the wheel (package data) so `lbappliance lab up` runs from an install too; copies of
+#: deploy/rbac.yaml and examples/*.yaml, kept identical by tests/e2e/test_lab.py.
+LAB_DATA = Path(__file__).resolve().parent / "labdata"
+RBAC_MANIFEST = LAB_DATA / "rbac.yaml"
+EXAMPLES = LAB_DATA / "examples"
 
 
 def pools_yaml(ranges: Iterable[str] = (VIP_POOL_V4, VIP_POOL_V6)) -> str:
@@ -82,14 +89,9 @@ class Appliance:
         log.close()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        """Stop the daemon (SIGTERM: it stops its HAProxy and keepalived; SIGKILL: they stay)."""
+        if self.proc is not None:
+            stop_child(self.proc, sig, timeout)
 
     def metric(self, name: str, labels: Mapping[str, str] | None = None) -> float | None:
         try:
@@ -163,17 +165,6 @@ def node_ports(manifests: Iterable[Mapping[str, Any]]) -> tuple[list[int], list[
     return sorted(ports), sorted(health)
 
 
-def wait_for(predicate: Any, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 #: Per-box VRRP settings for active-active: both boxes high (150) on their home instance and
 #: 100 on the other, preemption on (a returning box takes its share back after 1 s).
 ACTIVE_ACTIVE_VRRP = {
@@ -193,7 +184,55 @@ def make_active_active_pair(lab: NetworkLab, workdir: Path, kubeconfig: Path, po
     return pair
 
 
-def held_addresses(lab: NetworkLab, host: str, dev: str = "eth0") -> set[str]:
-    """Addresses configured on a lab host's interface right now (VIPs a box holds, its own too)."""
-    out = lab.exec(host, ["ip", "-o", "addr", "show", "dev", dev]).stdout
-    return {line.split()[3].split("/")[0] for line in out.splitlines() if len(line.split()) > 3}
+def start_daemons(admin_api: Any, lab: NetworkLab, workdir: Path, kubeconfig: Path, *,
+                  rbac: Path = RBAC_MANIFEST, nodeports: Iterable[int] = (), health_ports: Iterable[int] = (),
+                  udp_ports: Iterable[int] = (), active_active: bool = False,
+                  field_manager: str = "lbappliance-tests", **pair_kw: Any) -> tuple[Appliance, Appliance]:
+    """The one "lab + RBAC + pair + first pass" setup of the e2e tests, the lab and the benches.
+
+    `rbac` applied as admin, the lab's nodes as Node objects, their NodePort, health and UDP
+    responders, then both daemons started with `kubeconfig` (the least-privilege identity) and
+    awaited through their first pass. If any of that fails the daemons are stopped again, and a
+    daemon that never got through its first pass raises TimeoutError with both logs' tails.
+    """
+    from kubernetes import client
+
+    apply_manifest(admin_api, rbac, field_manager=field_manager)
+    core = client.CoreV1Api(admin_api)
+    for node in node_objects(lab):
+        try:
+            core.create_node(node)
+        except client.ApiException as exc:
+            if exc.status != 409:  # already there: a module before this one made the same lab's nodes
+                raise
+    if nodeports := sorted(set(nodeports)):
+        lab.serve_nodeports(nodeports)
+    lab.serve_health_ports(health_ports)
+    if udp_ports := sorted(set(udp_ports)):
+        lab.serve_udp(udp_ports)
+    pair = (make_active_active_pair if active_active else make_pair)(lab, workdir, kubeconfig, **pair_kw)
+    try:
+        for app in pair:
+            app.start()
+        try:
+            wait_for(lambda: all(a.status() for a in pair), 60, what="both daemons' first pass")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; daemons' logs:\n" + "\n".join(f"--- {a.log_path}\n{a.log_tail()}"
+                                                                     for a in pair)) from None
+    except BaseException:
+        for app in pair:
+            app.stop()
+        raise
+    return pair
+
+
+@contextlib.contextmanager
+def running_daemons(admin_api: Any, lab: NetworkLab, workdir: Path, kubeconfig: Path,
+                    **kw: Any) -> Iterator[tuple[Appliance, Appliance]]:
+    """`start_daemons`, and both stopped when the block ends however it ends."""
+    pair = start_daemons(admin_api, lab, workdir, kubeconfig, **kw)
+    try:
+        yield pair
+    finally:
+        for app in pair:
+            app.stop()

@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from lbappliance.edges.processes import signal_and_wait, stop_child
+
 log = logging.getLogger(__name__)
 
 #: Environment variable naming a directory that holds ``kube-apiserver`` and ``etcd``.
@@ -133,25 +135,25 @@ def ensure_built(repo_root: Path | str | None = None, *, timeout: float | None =
 def find_binaries(repo_root: Path | str | None = None, *, build: bool = True) -> Path:
     """Directory holding ``kube-apiserver`` and ``etcd``.
 
-    ``$LBAPPLIANCE_CONTROLPLANE_BIN`` wins when set. Otherwise the build script
-    is run (it returns at once when the cached binaries exist); with
-    ``build=False`` only an existing build is accepted.
+    ``$LBAPPLIANCE_CONTROLPLANE_BIN`` wins when set. Otherwise, in a checkout,
+    the build script is run (it returns at once when the cached binaries
+    exist); with ``build=False``, or without a checkout, only an existing
+    build is accepted.
     """
     env = os.environ.get(BIN_ENV)
     if env:
         return _check_bin_dir(Path(env))
-    if build:
-        return ensure_built(repo_root)
     root = Path(repo_root) if repo_root is not None else find_repo_root()
-    if root is None:
-        raise ControlPlaneError(f"no checkout found and ${BIN_ENV} is unset")
-    # Ask the script for its output path without building: it exits early only
-    # when the binaries exist, so check the cache root for any complete build.
+    if build and root is not None:
+        return ensure_built(root)
+    # The newest complete build in the cache the build script fills (an installed wheel has no
+    # build script, but a build made earlier from a checkout, or copied there, serves it too).
     cache = Path(os.environ.get("LBAPPLIANCE_CACHE", Path.home() / ".cache" / "lbappliance")) / "controlplane"
     for d in sorted(cache.glob("*/bin"), key=lambda p: p.stat().st_mtime, reverse=True):
         with contextlib.suppress(ControlPlaneError):
             return _check_bin_dir(d)
-    raise ControlPlaneError(f"no built control plane under {cache}; run tools/controlplane/build.sh")
+    raise ControlPlaneError(f"no built control plane under {cache}: run tools/controlplane/build.sh from a checkout, "
+                            f"or set ${BIN_ENV} to a directory holding kube-apiserver and etcd")
 
 
 # --------------------------------------------------------------------------- PKI
@@ -376,16 +378,9 @@ class _Proc:
         return self.popen.poll() is None
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("%s (pid %d) ignored SIGTERM for %.0fs; sending SIGKILL", self.name, self.pid, timeout)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout=10)
+        if self.popen.poll() is None and not signal_and_wait(self.pid, signal.SIGTERM, timeout, self.popen):
+            log.warning("%s (pid %d) ignored SIGTERM for %.0fs; sending SIGKILL", self.name, self.pid, timeout)
+        stop_child(self.popen, signal.SIGKILL, 10)
         with contextlib.suppress(Exception):
             self._log.close()
         return self.popen.returncode
@@ -642,15 +637,6 @@ class ControlPlane:
             self.appliance_kubeconfig,
             _kubeconfig(self.url, self._pki.ca_pem, APPLIANCE_USER, self._appliance_pair, "lbappliance").encode(),
         )
-
-    def make_kubeconfig(self, user: str, groups: Sequence[str] = (), path: Path | str | None = None) -> Path:
-        """Issue a client certificate (CN=user, O=groups) and write a kubeconfig for it."""
-        if self._pki is None or self.secure_port is None:
-            raise ControlPlaneError("control plane not started")
-        pair = self._pki.issue(user, organizations=list(groups))
-        out = Path(path) if path is not None else self._wd() / f"{user.replace(':', '_')}.kubeconfig"
-        _write(out, _kubeconfig(self.url, self._pki.ca_pem, user, pair, user).encode())
-        return out
 
     def _start_etcd(self) -> None:
         self.etcd_port = free_port()

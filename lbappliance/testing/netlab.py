@@ -46,7 +46,9 @@ from subprocess import CompletedProcess
 from types import TracebackType
 from typing import IO, Any, Literal
 
+from lbappliance.edges.processes import command_line, kill_group, process_group, start_time, stop_child, stop_pid
 from lbappliance.testing.healthserver import KUBE_PROXY_HEALTH_PORT, down_marker
+from lbappliance.testing.prober import probe_in, target
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ __all__ = [
     "cleanup_stale",
     "lab_unavailable_reason",
     "main",
+    "open_lab",
 ]
 
 Role = Literal["appliance", "client", "node"]
@@ -145,27 +148,6 @@ while True:
                 break
             key.fileobj.sendto(name + b" " + data, peer)
 """
-
-# n UDP requests from a fresh socket each (a new source port: a new flow), answers counted by node.
-_UDP_ASK_SNIPPET = r"""
-import collections, json, socket, sys
-addr, port, n, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-seen = collections.Counter()
-for i in range(n):
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.settimeout(timeout)
-        payload = ("q%d" % i).encode()
-        try:
-            s.sendto(payload, (addr, port))
-            data, _ = s.recvfrom(2048)
-            node, _, echoed = data.decode().partition(" ")
-            seen[node if echoed == payload.decode() else "mismatch"] += 1
-        except OSError:
-            seen["error"] += 1
-print(json.dumps(seen))
-"""
-
 
 class LabError(RuntimeError):
     """A lab operation failed; the message carries the command and its output."""
@@ -249,42 +231,6 @@ def _netns_pids(netns: str) -> list[int]:
     return [int(p) for p in res.stdout.split() if p.isdigit()]
 
 
-def _proc_starttime(pid: int) -> int | None:
-    """Start time in clock ticks since boot; with the pid it identifies a process across pid reuse."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # comm may contain spaces and parens; fields after the last ')' are fixed.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])
-
-
-def _proc_pgid(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2 :].split()[2])
-
-
-def _proc_cmdline(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]] if raw else []
-
-
-def _proc_alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie waiting to be reaped."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2 :].split()[0] != "Z"
-
-
 def _cmdline_matches(actual: list[str], netns: str, argv: list[str]) -> bool:
     """Does a live process still look like the one recorded?
 
@@ -297,31 +243,6 @@ def _cmdline_matches(actual: list[str], netns: str, argv: list[str]) -> bool:
     if actual in (argv, ["ip", "netns", "exec", netns, *argv]):
         return True
     return os.path.basename(actual[0]) == os.path.basename(argv[0])
-
-
-def _signal_wait(pid: int, sig: int, timeout: float, *, popen: subprocess.Popen[bytes] | None = None) -> bool:
-    """Send ``sig`` and wait up to ``timeout`` for the process to go; True when it did."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if popen is not None:
-            if popen.poll() is not None:
-                return True
-        elif not _proc_alive(pid):
-            return True
-        time.sleep(0.02)
-    return popen.poll() is not None if popen is not None else not _proc_alive(pid)
-
-
-def _kill_group_leftovers(pid: int) -> None:
-    """SIGKILL what remains of a process group we created with start_new_session.
-
-    Linux does not reuse a pid while it is still some group's id, so this only hits our children
-    (for example haproxy workers or keepalived's VRRP child outliving their parent).
-    """
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
 
 
 def _package_env() -> dict[str, str]:
@@ -398,17 +319,16 @@ def _cleanup_stale_locked(prefix: str) -> list[str]:
             except (ValueError, KeyError, TypeError):
                 log.warning("ignoring malformed pidfile line: %r", line)
                 continue
-            cmdline = _proc_cmdline(pid)
-            if cmdline is None or _proc_starttime(pid) != starttime:
+            cmdline = command_line(pid)
+            if cmdline is None or start_time(pid) != starttime:
                 continue  # gone, or the pid now belongs to someone else
             if not _cmdline_matches(cmdline, netns, argv):
                 log.warning("pid %d no longer runs %s (now %s); leaving it alone", pid, argv, cmdline)
                 continue
             log.info("stopping stale lab process %d: %s", pid, " ".join(cmdline))
-            if not _signal_wait(pid, signal.SIGTERM, _STOP_GRACE):
-                _signal_wait(pid, signal.SIGKILL, _STOP_GRACE)
-            if _proc_pgid(pid) in (None, pid):
-                _kill_group_leftovers(pid)
+            stop_pid(pid, signal.SIGTERM, _STOP_GRACE)
+            if process_group(pid) in (None, pid):
+                kill_group(pid)
     pattern = _lab_netns_re(prefix)
     removed: list[str] = []
     for ns in _list_netns():
@@ -454,6 +374,15 @@ def lab_unavailable_reason() -> str | None:
         return f"'ip netns add' is not supported here: {res.stderr.strip()}"
     _run(["ip", "netns", "del", probe], check=False)
     return None
+
+
+def open_lab(prefix: str, nodes: int, workdir: Path) -> NetworkLab:
+    """A NetworkLab that is up, with ``prefix``, or with a private one (``prefix`` + our pid) when
+    another suite on this machine holds it: take another rather than wait or break it."""
+    try:
+        return NetworkLab(prefix=prefix, nodes=nodes, workdir=workdir).__enter__()
+    except LabBusyError:
+        return NetworkLab(prefix=f"{prefix}{os.getpid() % 100000}", nodes=nodes, workdir=workdir).__enter__()
 
 
 # --------------------------------------------------------------------------- the lab
@@ -619,18 +548,9 @@ class NetworkLab:
         They can only have been started through this lab; left alone they would keep the
         namespace and its links alive after ``ip netns del``.
         """
-        strays = _netns_pids(netns)
-        for pid in strays:
-            log.warning("stopping process %d left in %s: %s", pid, netns, " ".join(_proc_cmdline(pid) or []))
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_GRACE
-        while strays and time.monotonic() < deadline:
-            strays = [p for p in strays if _proc_alive(p)]
-            time.sleep(0.05)
-        for pid in strays:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        for pid in _netns_pids(netns):
+            log.warning("stopping process %d left in %s: %s", pid, netns, " ".join(command_line(pid) or []))
+            stop_pid(pid, signal.SIGTERM, _STOP_GRACE)
 
     def _build_switch(self) -> None:
         sw = self.switch_netns
@@ -778,7 +698,7 @@ class NetworkLab:
                 start_new_session=True,
                 env=env,
             )
-        starttime = _proc_starttime(proc.pid) or 0
+        starttime = start_time(proc.pid) or 0
         self._tracked.append(_Tracked(proc, host_name, argv, starttime, log_path))
         self._write_pidfile()
         return proc
@@ -798,18 +718,13 @@ class NetworkLab:
         for t in self._tracked:
             if t.proc.pid == pid:
                 return self._stop_tracked(t, sig, timeout)
-        if not _signal_wait(pid, sig, timeout):
-            _signal_wait(pid, signal.SIGKILL, timeout)
+        stop_pid(pid, sig, timeout)
         if isinstance(proc_or_pid, subprocess.Popen):
             return proc_or_pid.wait(timeout=timeout)
         return None
 
     def _stop_tracked(self, t: _Tracked, sig: int, timeout: float) -> int | None:
-        if t.proc.poll() is None and not _signal_wait(t.proc.pid, sig, timeout, popen=t.proc):
-            log.warning("%s did not stop on signal %d within %.1fs; SIGKILL", t.argv[0], sig, timeout)
-            _kill_group_leftovers(t.proc.pid)
-            _signal_wait(t.proc.pid, signal.SIGKILL, timeout, popen=t.proc)
-        _kill_group_leftovers(t.proc.pid)
+        stop_child(t.proc, sig, timeout)
         if t in self._tracked:
             self._tracked.remove(t)
             self._write_pidfile()
@@ -996,12 +911,13 @@ class NetworkLab:
                 timeout: float = 1.0) -> dict[str, int]:
         """``n`` UDP requests from a fresh socket each (a new flow each); node name -> answers,
         ``"error"`` for requests without an answer."""
-        res = self.exec(from_host, [sys.executable, "-I", "-S", "-c", _UDP_ASK_SNIPPET, address, str(port), str(n),
-                                    str(timeout)], check=False, timeout=n * timeout + 15)
-        try:
-            return dict(json.loads(res.stdout.strip().splitlines()[-1]))
-        except (ValueError, IndexError):
-            raise LabError(f"udp_ask failed ({res.returncode}): {res.stderr.strip()}") from None
+        return probe_in(self.host(from_host).netns, [target(address, port)], n, proto="udp",
+                        read_timeout=timeout).counts()
+
+    def addresses(self, host: str | LabHost, dev: str = HOST_IFACE) -> set[str]:
+        """Addresses configured on a host's interface right now (VIPs a box holds, its own too)."""
+        out = self.exec(host, ["ip", "-o", "addr", "show", "dev", dev]).stdout
+        return {line.split()[3].split("/")[0] for line in out.splitlines() if len(line.split()) > 3}
 
     # ---- probes
 

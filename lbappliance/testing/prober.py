@@ -1,132 +1,223 @@
-"""A bounded HTTP prober run inside a lab host: counts failures and the longest outage.
+"""The one traffic prober of the tests, the benches and the lab, run inside a lab host.
 
-    python -m lbappliance.testing.prober --url http://192.0.2.200/ --duration 5 --interval 0.02
+A new connection (TCP: one HTTP request; UDP: one datagram from a fresh socket, so a new flow)
+per request, round robin over the targets, for a fixed time or a fixed number of requests. It
+counts successes and failures per target, which backend answered (the nodes answer with their
+name), and the longest gap between two successes: the outage a failover causes. Connect and read
+timeouts are short on purpose for failover figures: a request in flight on the box that dies is
+lost, and a long timeout would hide the outage.
 
-Prints one JSON line: requests, ok, failed, longest gap in seconds (first failure to next
-success), and which backends answered. Stdlib only, so it runs with `python3 -I` anywhere.
+Stdlib only, and run as a file (`python3 -I -S prober.py ...`), so it needs neither this package
+nor a virtualenv inside the namespace:
+
+    python3 -I -S lbappliance/testing/prober.py --target 192.0.2.200:80 --duration 5 --interval 0.02
+
+prints "ready" once started, then one JSON line (see `ProbeResult`).
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
+import socket
 import subprocess
+import sys
 import time
-import urllib.parse
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+HTTP_REQUEST = b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n"
 
-def probe_once(host: str, port: int, path: str, timeout: float) -> str | None:
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+
+def split_target(target: str) -> tuple[str, int]:
+    """'192.0.2.1:80' or '[2001:db8::1]:80' -> (address, port)."""
+    host, _, port = target.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def ask_http(address: str, port: int, connect_timeout: float, read_timeout: float) -> str | None:
+    """The body of a 200 answer (stripped), or None for anything else."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
     try:
-        conn.request("GET", path, headers={"Connection": "close"})
-        response = conn.getresponse()
-        body = response.read().decode(errors="replace").strip()
-        return body if response.status == 200 else None
-    except OSError:
-        return None
-    finally:
-        conn.close()
-
-
-def run(url: str, duration: float, interval: float, timeout: float) -> dict[str, object]:
-    parts = urllib.parse.urlsplit(url)
-    host = (parts.hostname or "").strip("[]")
-    port = parts.port or 80
-    ok = failed = 0
-    answered: dict[str, int] = {}
-    gap_start: float | None = None
-    longest = 0.0
-    deadline = time.monotonic() + duration
-    while time.monotonic() < deadline:
-        started = time.monotonic()
-        body = probe_once(host, port, parts.path or "/", timeout)
-        if body is None:
-            failed += 1
-            gap_start = started if gap_start is None else gap_start
-        else:
-            ok += 1
-            answered[body] = answered.get(body, 0) + 1
-            if gap_start is not None:
-                longest = max(longest, time.monotonic() - gap_start)
-                gap_start = None
-        time.sleep(max(0.0, interval - (time.monotonic() - started)))
-    if gap_start is not None:
-        longest = max(longest, time.monotonic() - gap_start)
-    return {"requests": ok + failed, "ok": ok, "failed": failed, "longest_gap_s": round(longest, 3),
-            "answered_by": answered}
-
-
-# Round robin over VIPs, a new connection per request: ok/fail per VIP, and the longest gap
-# between two successes (the outage a failover causes). Connect/read timeouts are arguments
-# because failover measurement wants them short: a request in flight on the box that dies is
-# lost, and a long timeout would hide the outage. Stdlib only, run with `python3 -I -S`.
-MULTI_PROBE = r"""
-import json, socket, sys, time
-vips, port, duration, interval = sys.argv[1].split(","), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-connect_timeout, read_timeout = float(sys.argv[5]), float(sys.argv[6])
-req = b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n"
-ok = {v: 0 for v in vips}
-fail = {v: 0 for v in vips}
-last_ok = None
-max_gap = 0.0
-end = time.monotonic() + duration
-print("ready", flush=True)
-i = 0
-while time.monotonic() < end:
-    vip = vips[i % len(vips)]
-    i += 1
-    t = time.monotonic()
-    try:
-        with socket.create_connection((vip, port), timeout=connect_timeout) as s:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(connect_timeout)
+            s.connect((address, port))
             s.settimeout(read_timeout)
-            s.sendall(req)
+            s.sendall(HTTP_REQUEST)
             data = b""
             while chunk := s.recv(4096):
                 data += chunk
-        good = data.startswith(b"HTTP/1.1 200")
     except OSError:
-        good = False
-    now = time.monotonic()
-    if good:
-        ok[vip] += 1
-        if last_ok is not None:
-            max_gap = max(max_gap, now - last_ok)
-        last_ok = now
-    else:
-        fail[vip] += 1
-    time.sleep(max(0.0, interval - (time.monotonic() - t)))
-print(json.dumps({"ok": ok, "fail": fail, "max_gap": max_gap}), flush=True)
-"""
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
+        return None
+    return body.decode(errors="replace").strip()
 
 
-def start_multi_probe(netns: str, vips: Sequence[str], seconds: float, port: int = 80, interval: float = 0.005,
-                      connect_timeout: float = 0.5, read_timeout: float = 1.0) -> subprocess.Popen[str]:
-    """Start MULTI_PROBE in network namespace `netns`; returns once it is probing."""
-    proc = subprocess.Popen(["ip", "netns", "exec", netns, "python3", "-I", "-S", "-c", MULTI_PROBE,
-                             ",".join(vips), str(port), str(seconds), str(interval), str(connect_timeout),
-                             str(read_timeout)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    return proc
+def ask_udp(address: str, port: int, payload: bytes, timeout: float) -> str | None:
+    """The answering node's name when the echo responder sends back "<node> <payload>"."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.sendto(payload, (address, port))
+            data, _ = s.recvfrom(2048)
+        except OSError:
+            return None
+    node, _, echoed = data.partition(b" ")
+    return node.decode(errors="replace") if echoed == payload else None
 
 
-def finish_multi_probe(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
-    """{"ok": {vip: n}, "fail": {vip: n}, "max_gap": seconds} once the probe has run its course."""
-    out, _ = proc.communicate(timeout=timeout)
-    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+def probe(targets: Sequence[str], proto: str = "http", duration: float = 5.0, interval: float = 0.02,
+          connect_timeout: float = 0.5, read_timeout: float = 1.0, count: int = 0) -> dict[str, Any]:
+    """Probe until `duration` s have passed (or `count` requests were made, when given)."""
+    parsed = [split_target(t) for t in targets]
+    ok = {t: 0 for t in targets}
+    fail = {t: 0 for t in targets}
+    answered: dict[str, int] = {}
+    started = time.monotonic()
+    last_ok: float | None = None
+    max_gap = 0.0
+    good = True
+    end = started + duration
+    i = 0
+    while (i < count) if count else (time.monotonic() < end):
+        target, (address, port) = targets[i % len(targets)], parsed[i % len(parsed)]
+        t = time.monotonic()
+        if proto == "udp":
+            body = ask_udp(address, port, f"q{i}".encode(), read_timeout)
+        else:
+            body = ask_http(address, port, connect_timeout, read_timeout)
+        i += 1
+        now = time.monotonic()
+        good = body is not None
+        if body is not None:
+            ok[target] += 1
+            answered[body] = answered.get(body, 0) + 1
+            if last_ok is not None:
+                max_gap = max(max_gap, now - last_ok)
+            last_ok = now
+        else:
+            fail[target] += 1
+        time.sleep(max(0.0, interval - (time.monotonic() - t)))
+    finished = time.monotonic()
+    if not good and last_ok is not None:  # still failing at the end: the outage lasts at least this long
+        max_gap = max(max_gap, finished - last_ok)
+    return {"ok": ok, "fail": fail, "max_gap": round(max_gap, 4), "answered_by": answered,
+            "since_last_ok": round(finished - (last_ok if last_ok is not None else started), 4)}
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What a probe saw: per target and in total, who answered, and the longest outage."""
+
+    ok_by: dict[str, int]
+    fail_by: dict[str, int]
+    max_gap: float
+    answered_by: dict[str, int]
+    since_last_ok: float
+
+    @property
+    def ok(self) -> int:
+        return sum(self.ok_by.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(self.fail_by.values())
+
+    def counts(self) -> dict[str, int]:
+        """Answers by backend, with failures under "error" (only when there were some)."""
+        return {**self.answered_by, **({"error": self.failed} if self.failed else {})}
+
+
+def probe_argv(targets: Sequence[str], *, proto: str = "http", duration: float = 5.0, interval: float = 0.02,
+               connect_timeout: float = 0.5, read_timeout: float = 1.0, count: int = 0) -> list[str]:
+    """The command line that runs this file with these settings (prefix it with `ip netns exec NS`)."""
+    argv = [sys.executable, "-I", "-S", __file__, "--proto", proto, "--duration", str(duration),
+            "--interval", str(interval), "--connect-timeout", str(connect_timeout),
+            "--read-timeout", str(read_timeout), "--count", str(count)]
+    for target in targets:
+        argv += ["--target", target]
+    return argv
+
+
+def target(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+class Probe:
+    """The prober running in network namespace `netns` while the caller acts; a context manager.
+
+        with Probe(netns, ["192.0.2.200:80"], seconds=6) as probe:
+            ...  # fail something over
+        probe.result.max_gap
+    """
+
+    def __init__(self, netns: str, targets: Sequence[str], seconds: float, **settings: Any) -> None:
+        self.argv = ["ip", "netns", "exec", netns, *probe_argv(targets, duration=seconds, **settings)]
+        self.seconds = seconds
+        self.proc: subprocess.Popen[str] | None = None
+        self._result: ProbeResult | None = None
+
+    def start(self) -> Probe:
+        """Returns once the prober runs (its first request is under way)."""
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline().strip()
+        if first != "ready":
+            self.proc.kill()
+            raise RuntimeError(f"prober did not start: {first} {self.proc.communicate()[0]}")
+        return self
+
+    def finish(self, timeout: float | None = None) -> ProbeResult:
+        """Wait for the probe to run its course and return what it saw."""
+        assert self.proc is not None, "not started"
+        try:
+            out, _ = self.proc.communicate(timeout=timeout if timeout is not None else self.seconds + 60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise
+        data = json.loads(out.strip().splitlines()[-1])
+        self._result = ProbeResult(data["ok"], data["fail"], data["max_gap"], data["answered_by"],
+                                   data["since_last_ok"])
+        return self._result
+
+    @property
+    def result(self) -> ProbeResult:
+        assert self._result is not None, "the probe has not finished"
+        return self._result
+
+    def __enter__(self) -> Probe:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()
+
+
+def probe_in(netns: str, targets: Sequence[str], count: int, **settings: Any) -> ProbeResult:
+    """`count` requests at once (no pause between them), for sampling which backends answer."""
+    settings.setdefault("interval", 0.0)
+    probe = Probe(netns, targets, seconds=0.0, count=count, **settings)
+    probe.start()
+    return probe.finish(timeout=count * 2 * (settings.get("read_timeout", 1.0) + 1) + 30)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--url", required=True)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--target", action="append", required=True, help="address:port; repeat for round robin")
+    parser.add_argument("--proto", choices=("http", "udp"), default="http")
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--interval", type=float, default=0.02)
-    parser.add_argument("--timeout", type=float, default=0.25)
+    parser.add_argument("--connect-timeout", type=float, default=0.5)
+    parser.add_argument("--read-timeout", type=float, default=1.0)
+    parser.add_argument("--count", type=int, default=0, help="stop after this many requests (0: run --duration)")
     args = parser.parse_args()
-    print(json.dumps(run(args.url, args.duration, args.interval, args.timeout)), flush=True)
+    print("ready", flush=True)
+    print(json.dumps(probe(args.target, args.proto, args.duration, args.interval, args.connect_timeout,
+                           args.read_timeout, args.count)), flush=True)
 
 
 if __name__ == "__main__":

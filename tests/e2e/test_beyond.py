@@ -19,9 +19,12 @@ from typing import Any
 
 import pytest
 
+from lbappliance.testing.prober import Probe, target
+from lbappliance.testing.wait import wait_for
+from tests.e2e.conftest import FIELD_MANAGER, RBAC_MANIFEST
+
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
 SERVICE_CIDRS = "10.96.0.0/16,2001:db8:ffff::/108"
 ECHO_NODE_PORT, DNS_NODE_PORT, DUAL_NODE_PORT = 30107, 30153, 30180
 MANY_BASE, MANY = 30200, 20
@@ -46,32 +49,19 @@ def env(dual_cp: Any, lab_available: None, tmp_path_factory: pytest.TempPathFact
         ) -> Iterator[dict[str, Any]]:
     from kubernetes import client, config
 
-    from lbappliance.testing.appliances import make_active_active_pair, node_objects, wait_for
-    from lbappliance.testing.controlplane import apply_manifest
+    from lbappliance.testing.appliances import running_daemons
     from lbappliance.testing.netlab import NetworkLab
 
     api = config.new_client_from_config(config_file=str(dual_cp.admin_kubeconfig))
-    apply_manifest(api, REPO / "deploy" / "rbac.yaml", field_manager="lbappliance-e2e")
-    core = client.CoreV1Api(api)
     workdir = tmp_path_factory.mktemp("beyond")
-    with NetworkLab(prefix="lbb", nodes=3, workdir=workdir / "lab") as lab:
-        for node in node_objects(lab):
-            core.create_node(node)
-        lab.serve_nodeports([DNS_NODE_PORT, DUAL_NODE_PORT, *range(MANY_BASE, MANY_BASE + MANY)])
-        lab.serve_health_ports()
-        lab.serve_udp([ECHO_NODE_PORT, DNS_NODE_PORT])
-        app1, app2 = make_active_active_pair(lab, workdir, dual_cp.appliance_kubeconfig)
-        app1.start()
-        app2.start()
-        try:
-            wait_for(lambda: app1.status() and app2.status(), 60, what="both daemons' first pass")
-            yield {"lab": lab, "core": core, "apps": {"app1": app1, "app2": app2}}
-        except TimeoutError:
-            pytest.fail(f"daemons did not start:\n{app1.log_tail()}\n{app2.log_tail()}")
-        finally:
-            app1.stop()
-            app2.stop()
-            api.close()
+    try:
+        with NetworkLab(prefix="lbb", nodes=3, workdir=workdir / "lab") as lab, running_daemons(
+                api, lab, workdir, dual_cp.appliance_kubeconfig, rbac=RBAC_MANIFEST, field_manager=FIELD_MANAGER,
+                nodeports=[DNS_NODE_PORT, DUAL_NODE_PORT, *range(MANY_BASE, MANY_BASE + MANY)],
+                udp_ports=[ECHO_NODE_PORT, DNS_NODE_PORT], active_active=True) as (app1, app2):
+            yield {"lab": lab, "core": client.CoreV1Api(api), "apps": {"app1": app1, "app2": app2}}
+    finally:
+        api.close()
 
 
 @pytest.fixture
@@ -92,14 +82,12 @@ def _svc(name: str, ports: list[tuple[str, int, int]], families: list[str] | Non
 
 
 def _ingress(core: Any, ns: str, name: str, count: int = 1, timeout: float = 20) -> list[str]:
-    from lbappliance.testing.appliances import wait_for
-
     def ips() -> list[str] | None:
         svc = core.read_namespaced_service_status(name, ns)
         found = [i.ip for i in (svc.status.load_balancer.ingress or [])]
         return found if len(found) >= count else None
 
-    return wait_for(ips, timeout, what=f"{count} address(es) in status of {ns}/{name}")  # type: ignore[no-any-return]
+    return wait_for(ips, timeout, what=f"{count} address(es) in status of {ns}/{name}")
 
 
 def _url(vip: str, port: int) -> str:
@@ -107,26 +95,20 @@ def _url(vip: str, port: int) -> str:
 
 
 def _answered(lab: Any, vip: str, port: int, timeout: float = 15) -> str:
-    from lbappliance.testing.appliances import wait_for
-
     def ok() -> str | None:
         status, body = lab.http_get("client", _url(vip, port), timeout=2)
         return body.strip() if status == 200 else None
 
-    return wait_for(ok, timeout, interval=0.2, what=f"{vip}:{port} answering")  # type: ignore[no-any-return]
+    return wait_for(ok, timeout, interval=0.2, what=f"{vip}:{port} answering")
 
 
 def _udp_answered(lab: Any, vip: str, port: int, n: int = 20, timeout: float = 15) -> dict[str, int]:
-    from lbappliance.testing.appliances import wait_for
-
     wait_for(lambda: "error" not in lab.udp_ask("client", vip, port, 1), timeout, interval=0.3,
              what=f"{vip}:{port}/UDP answering")
-    return lab.udp_ask("client", vip, port, n)  # type: ignore[no-any-return]
+    return lab.udp_ask("client", vip, port, n)
 
 
 def test_udp_echo_and_dns_services_answer_through_their_vips(env: dict[str, Any], ns: str) -> None:
-    from lbappliance.testing.appliances import wait_for
-
     core, lab = env["core"], env["lab"]
     core.create_namespaced_service(ns, _svc("echo", [("UDP", 7, ECHO_NODE_PORT)]))
     core.create_namespaced_service(ns, _svc("dns", [("UDP", 53, DNS_NODE_PORT), ("TCP", 53, DNS_NODE_PORT)]))
@@ -162,8 +144,6 @@ def test_dual_stack_service_gets_both_families_and_both_answer(env: dict[str, An
     print(f"\ndual-stack Service status {ips}; answers {answers}")
     assert set(answers.values()) <= nodes
 
-    from lbappliance.testing.appliances import wait_for
-
     def listed() -> bool:
         return all(any(e["service"] == f"{ns}/dual" and sorted(e["vips"]) == sorted(ips)
                        for e in (app.status() or {}).get("services", [])) for app in env["apps"].values())
@@ -173,14 +153,10 @@ def test_dual_stack_service_gets_both_families_and_both_answer(env: dict[str, An
 
 
 def _owners(env: dict[str, Any], vips: list[str]) -> dict[str, set[str]]:
-    from lbappliance.testing.appliances import held_addresses
-
-    return {name: held_addresses(env["lab"], name) & set(vips) for name in env["apps"]}
+    return {name: env["lab"].addresses(name) & set(vips) for name in env["apps"]}
 
 
 def test_active_active_spreads_vips_and_losing_a_box_moves_only_its_share(env: dict[str, Any], ns: str) -> None:
-    from lbappliance.testing.appliances import wait_for
-    from lbappliance.testing.prober import finish_multi_probe, start_multi_probe
 
     core, lab, apps = env["core"], env["lab"], env["apps"]
     names = [f"aa{i:02d}" for i in range(MANY)]
@@ -204,13 +180,13 @@ def test_active_active_spreads_vips_and_losing_a_box_moves_only_its_share(env: d
 
     vrrp = wait_for(status_shows_home_instances, 15, what="status showing each box master of its home instance")
     print(f"\nactive-active share of {MANY} VIPs: {share}; status vrrp: {vrrp}")
-    probe = start_multi_probe(lab.client.netns, vips, seconds=8)
-    time.sleep(2)
-    apps["app2"].stop(signal.SIGTERM)  # the daemon stops keepalived (goodbye advert), then HAProxy
-    result = finish_multi_probe(probe)
-    kept = sum(result["fail"][v] for v in owners["app1"])
-    moved = sum(result["fail"][v] for v in owners["app2"])
-    print(f"app2 stopped: {sum(result['ok'].values())} ok; failed on app1's VIPs {kept}, on app2's VIPs {moved}")
+    with Probe(lab.client.netns, [target(v, 80) for v in vips], 8, interval=0.005) as probe:
+        time.sleep(2)
+        apps["app2"].stop(signal.SIGTERM)  # the daemon stops keepalived (goodbye advert), then HAProxy
+    result = probe.result
+    kept = sum(result.fail_by[target(v, 80)] for v in owners["app1"])
+    moved = sum(result.fail_by[target(v, 80)] for v in owners["app2"])
+    print(f"app2 stopped: {result.ok} ok; failed on app1's VIPs {kept}, on app2's VIPs {moved}")
     try:
         assert kept == 0, result
         assert _owners(env, vips)["app1"] == set(vips)

@@ -21,6 +21,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from lbappliance.testing.wait import wait_for
+
 pytestmark = pytest.mark.e2e
 
 CLEANUP_FINALIZER = "service.kubernetes.io/load-balancer-cleanup"
@@ -29,21 +31,6 @@ JSON_PATCH = "application/json-patch+json"
 LEASE_NS = "lbappliance-system"
 LEASE_NAME = "lbappliance-leader"
 WARM_START_LIMIT_S = 10.0
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.1, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except Exception as exc:
-            last = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}: last={last!r}")
-        time.sleep(interval)
 
 
 def lb_service(name: str, *, finalizers: list[str] | None = None, **spec: Any) -> dict[str, Any]:
@@ -210,7 +197,8 @@ def test_appliance_identity_is_least_privilege(
 
     apply_rbac()
 
-    wait_for(lambda: core.list_service_for_all_namespaces() is not None, timeout=10, what="RBAC to take effect")
+    wait_for(lambda: core.list_service_for_all_namespaces() is not None, timeout=10, what="RBAC to take effect",
+             ignore=(ApiException,))
 
     # list + watch services
     names = {s.metadata.name for s in core.list_namespaced_service(namespace).items}

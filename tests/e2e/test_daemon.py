@@ -20,46 +20,30 @@ import pytest
 import yaml
 
 from lbappliance.core.models import FINALIZER
+from lbappliance.testing.prober import Probe, target
+from lbappliance.testing.wait import wait_for
+from tests.e2e.conftest import FIELD_MANAGER, RBAC_MANIFEST
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def env(control_plane: Any, admin_api: Any, apply_rbac: Any, lab_available: None,
+def env(control_plane: Any, admin_api: Any, lab_available: None,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Lab + Nodes + RBAC + two running daemons, shared by the tests of this module."""
     from kubernetes import client
 
-    from lbappliance.testing.appliances import example_manifests, make_pair, node_objects, node_ports, wait_for
-    from lbappliance.testing.netlab import LabBusyError, NetworkLab
+    from lbappliance.testing.appliances import example_manifests, node_ports, running_daemons
+    from lbappliance.testing.netlab import open_lab
 
-    apply_rbac()
-    core = client.CoreV1Api(admin_api)
     workdir = tmp_path_factory.mktemp("daemon")
-    try:
-        lab = NetworkLab(prefix="lbe", nodes=3, workdir=workdir / "lab").__enter__()
-    except LabBusyError:  # another suite on this machine holds the prefix: take a private one
-        lab = NetworkLab(prefix=f"lbe{os.getpid() % 100000}", nodes=3, workdir=workdir / "lab").__enter__()
-    with lab:
-        for node in node_objects(lab):
-            with contextlib.suppress(client.ApiException):
-                core.create_node(node)
-        ports, health = node_ports(example_manifests())
-        lab.serve_nodeports([*ports, 30090, 30091, 30092, 30093, 30094])
-        lab.serve_health_ports(health)
-        app1, app2 = make_pair(lab, workdir, control_plane.appliance_kubeconfig)
-        app1.start()
-        app2.start()
-        try:
-            wait_for(lambda: app1.status() and app2.status(), 60, what="both daemons' first pass")
-            yield {"lab": lab, "core": core, "apps": (app1, app2), "cp": control_plane, "workdir": workdir}
-        except TimeoutError:
-            pytest.fail(f"daemons did not start:\n{app1.log_tail()}\n{app2.log_tail()}")
-        finally:
-            app1.stop()
-            app2.stop()
+    ports, health = node_ports(example_manifests())
+    with open_lab("lbe", 3, workdir / "lab") as lab, running_daemons(
+            admin_api, lab, workdir, control_plane.appliance_kubeconfig, rbac=RBAC_MANIFEST,
+            nodeports=[*ports, 30090, 30091, 30092, 30093, 30094], health_ports=health,
+            field_manager=FIELD_MANAGER) as (app1, app2):
+        yield {"lab": lab, "core": client.CoreV1Api(admin_api), "apps": (app1, app2), "cp": control_plane,
+               "workdir": workdir}
 
 
 def _service(name: str, node_port: int, port: int = 80, annotations: dict[str, str] | None = None
@@ -77,9 +61,7 @@ def _ingress(core: Any, ns: str, name: str) -> list[str]:
 
 
 def _wait_ingress(core: Any, ns: str, name: str, timeout: float = 15) -> list[str]:
-    from lbappliance.testing.appliances import wait_for
-
-    return wait_for(lambda: _ingress(core, ns, name), timeout, what=f"status of {ns}/{name}")  # type: ignore[no-any-return]
+    return wait_for(lambda: _ingress(core, ns, name), timeout, what=f"status of {ns}/{name}")
 
 
 def _get(lab: Any, vip: str, port: int, timeout: float = 2.0) -> tuple[int, str]:
@@ -87,20 +69,16 @@ def _get(lab: Any, vip: str, port: int, timeout: float = 2.0) -> tuple[int, str]
 
 
 def _answered(lab: Any, vip: str, port: int, timeout: float = 10) -> str:
-    from lbappliance.testing.appliances import wait_for
-
     def ok() -> str | None:
         status, body = _get(lab, vip, port)
         return body.strip() if status == 200 else None
 
-    return wait_for(ok, timeout, interval=0.2, what=f"{vip}:{port} answering")  # type: ignore[no-any-return]
+    return wait_for(ok, timeout, interval=0.2, what=f"{vip}:{port} answering")
 
 
 def _delete_all(core: Any, ns: str, names: list[str], timeout: float = 20) -> None:
     """Delete and wait until gone: the leader drops the finalizer once the VIP is withdrawn."""
     from kubernetes.client.exceptions import ApiException
-
-    from lbappliance.testing.appliances import wait_for
 
     for name in names:
         with contextlib.suppress(ApiException):
@@ -143,8 +121,6 @@ def test_examples_are_served_through_their_vips(env: dict[str, Any], ns: str) ->
 
 
 def test_create_update_delete_lifecycle(env: dict[str, Any], ns: str) -> None:
-    from lbappliance.testing.appliances import wait_for
-
     core, lab = env["core"], env["lab"]
     core.create_namespaced_service(ns, _service("life", 30090))
     vip = _wait_ingress(core, ns, "life")[0]
@@ -184,8 +160,6 @@ def test_create_update_delete_lifecycle(env: dict[str, Any], ns: str) -> None:
 
 
 def test_bad_annotation_gets_an_event_and_others_proceed(env: dict[str, Any], ns: str) -> None:
-    from lbappliance.testing.appliances import wait_for
-
     core = env["core"]
     core.create_namespaced_service(ns, _service("broken", 30093, annotations={
         "lbappliance.io/load-balancer-ips": "not-an-ip"}))
@@ -210,37 +184,13 @@ def _leader(core: Any) -> str | None:
     return lease.spec.holder_identity  # type: ignore[no-any-return]
 
 
-class Prober:
-    """lbappliance.testing.prober in the client host for a fixed time: counts failed requests."""
-
-    def __init__(self, lab: Any, vip: str, port: int, duration: float) -> None:
-        self.argv = ["ip", "netns", "exec", lab.hosts["client"].netns, sys.executable, "-m",
-                     "lbappliance.testing.prober", "--url", f"http://{vip}:{port}/", "--duration", str(duration),
-                     "--interval", "0.05", "--timeout", "1.0"]
-        self.duration = duration
-        self.result: dict[str, Any] = {}
-
-    def __enter__(self) -> Prober:
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True, cwd=REPO)
-        time.sleep(0.5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        out, _ = self.proc.communicate(timeout=self.duration + 30)
-        self.result = json.loads(out.strip().splitlines()[-1])
-
-    @property
-    def ok(self) -> int:
-        return int(self.result["ok"])
-
-    @property
-    def failed(self) -> int:
-        return int(self.result["failed"])
+def _prober(lab: Any, vip: str, port: int, duration: float) -> Probe:
+    """The prober in the client host for a fixed time: counts failed requests."""
+    return Probe(lab.hosts["client"].netns, [target(vip, port)], duration, interval=0.05, connect_timeout=1.0,
+                 read_timeout=1.0)
 
 
 def test_leader_handover_keeps_allocating_and_traffic_flows(env: dict[str, Any], ns: str) -> None:
-    from lbappliance.testing.appliances import wait_for
-
     core, lab = env["core"], env["lab"]
     app1, app2 = env["apps"]
     leader_name = wait_for(lambda: _leader(core), 10, what="a leader")
@@ -251,12 +201,13 @@ def test_leader_handover_keeps_allocating_and_traffic_flows(env: dict[str, Any],
     _answered(lab, vip, 80)
     leader = leaders[0]
     follower = app2 if leader is app1 else app1
-    with Prober(lab, vip, 80, duration=12) as probe:
+    with _prober(lab, vip, 80, duration=12) as probe:
         leader.stop(signal.SIGKILL)
         wait_for(lambda: _leader(core) == follower.name, 15, what="follower taking the lease")
         core.create_namespaced_service(ns, _service("after", 30091))
         assert _wait_ingress(core, ns, "after", timeout=20)
-    assert probe.failed == 0 and probe.ok > 100, f"VIP traffic during handover: {probe.ok} ok, {probe.failed} failed"
+    seen = probe.result
+    assert seen.failed == 0 and seen.ok > 100, f"VIP traffic during handover: {seen.ok} ok, {seen.failed} failed"
     assert follower.metric("lbappliance_leader") == 1.0
     leader.start()  # back as follower for the next tests
     wait_for(lambda: leader.metric("lbappliance_leader") == 0.0, 30, what="restarted daemon up as follower")
@@ -266,8 +217,6 @@ def test_leader_handover_keeps_allocating_and_traffic_flows(env: dict[str, Any],
 def test_clean_stop_of_the_leader_hands_over_at_once(env: dict[str, Any], ns: str) -> None:
     """SIGTERM releases the Lease: the follower takes it on its next try (every 0.5 s here), not
     after the 4 s lease duration a crashed leader would cost."""
-    from lbappliance.testing.appliances import wait_for
-
     core = env["core"]
     app1, app2 = env["apps"]
     leader_name = wait_for(lambda: _leader(core), 10, what="a leader")
@@ -290,19 +239,18 @@ def test_api_outage_keeps_traffic_and_converges_after(env: dict[str, Any], ns: s
     vip = _wait_ingress(core, ns, "steady")[0]
     _answered(lab, vip, 80)
     outage = float(os.environ.get("LBAPPLIANCE_E2E_OUTAGE_SECONDS", "30"))
-    with Prober(lab, vip, 80, duration=outage + 4) as probe:
+    with _prober(lab, vip, 80, duration=outage + 4) as probe:
         cp.stop_apiserver()
         time.sleep(outage)
         cp.start_apiserver()
-    assert probe.failed == 0 and probe.ok > outage * 10, f"{probe.ok} ok, {probe.failed} failed during API outage"
+    seen = probe.result
+    assert seen.failed == 0 and seen.ok > outage * 10, f"{seen.ok} ok, {seen.failed} failed during API outage"
     core.create_namespaced_service(ns, _service("later", 30091))
     assert _answered(lab, _wait_ingress(core, ns, "later", timeout=30)[0], 80)
     _delete_all(core, ns, ["steady", "later"])
 
 
 def test_restarting_both_daemons_changes_no_address(env: dict[str, Any], ns: str) -> None:
-    from lbappliance.testing.appliances import wait_for
-
     core, lab = env["core"], env["lab"]
     names = [f"keep{i}" for i in range(5)]
     for i, name in enumerate(names):
@@ -324,8 +272,6 @@ def test_restarting_both_daemons_changes_no_address(env: dict[str, Any], ns: str
 
 
 def test_pool_edit_via_cli_applies_live_and_invalid_edit_changes_nothing(env: dict[str, Any], ns: str) -> None:
-    from lbappliance.testing.appliances import wait_for
-
     core = env["core"]
     app1, app2 = env["apps"]
     cli = [sys.executable, "-m", "lbappliance", "pool"]
@@ -366,8 +312,6 @@ def test_status_command_shows_what_this_box_serves(env: dict[str, Any], ns: str)
     app1, _ = env["apps"]
     core.create_namespaced_service(ns, _service("shown", 30090))
     vip = _wait_ingress(core, ns, "shown")[0]
-    from lbappliance.testing.appliances import wait_for
-
     def listed() -> dict[str, Any] | None:
         out = subprocess.run([sys.executable, "-m", "lbappliance", "status", "--config", str(app1.config_path),
                               "-o", "json"], capture_output=True, text=True, check=True).stdout
@@ -414,7 +358,7 @@ def test_haproxy_refusing_one_service_serves_the_others_and_a_whole_refusal_keep
     one is still served and changed. A refusal that names no Service: the running config keeps
     serving, and status.json, `lbappliance status` and the metrics say so. Removing either cause
     recovers."""
-    from lbappliance.testing.appliances import Appliance, appliance_config, pools_yaml, wait_for
+    from lbappliance.testing.appliances import Appliance, appliance_config, pools_yaml
 
     lab, core = env["lab"], env["core"]
     binary = tmp_path / "haproxy"

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from lbappliance.testing.netlab import LabBusyError, NetworkLab, lab_unavailable_reason
+from lbappliance.testing.netlab import NetworkLab, lab_unavailable_reason, open_lab
 
 #: Prefix of the shared ``lab`` fixture; override to run two checkouts' suites side by side.
 LAB_PREFIX = os.environ.get("LBAPPLIANCE_LAB_PREFIX", "lbt")
@@ -43,12 +43,7 @@ def lab(lab_available: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     or differently sized lab build their own NetworkLab with another prefix.
     Logs stay under pytest's tmp dir for post-mortems.
     """
-    workdir = tmp_path_factory.mktemp("netlab")
-    try:
-        net = NetworkLab(prefix=LAB_PREFIX, nodes=3, workdir=workdir).__enter__()
-    except LabBusyError:
-        # Another suite on this machine holds the prefix: take a private one rather than wait.
-        net = NetworkLab(prefix=f"{LAB_PREFIX}{os.getpid() % 100000}", nodes=3, workdir=workdir).__enter__()
+    net = open_lab(LAB_PREFIX, 3, tmp_path_factory.mktemp("netlab"))
     try:
         yield net
     finally:

@@ -9,47 +9,24 @@ from pathlib import Path
 
 import pytest
 
-from lbappliance.core.config import ApplianceConfig
-from lbappliance.core.models import DesiredState, Service, ServicePort, vip_owner_states
+from lbappliance.core.models import DesiredState, Service, vip_owner_states
 from lbappliance.edges.apply import DataPlane
 from lbappliance.testing.netlab import NetworkLab
-from lbappliance.testing.prober import finish_multi_probe, start_multi_probe
-from tests.integration.test_dataplane import dataplane, wait_for
-from tests.integration.test_udp import box_config, dual_nodes, lab_state
+from lbappliance.testing.planes import (
+    NODE_PORT,
+    active_active_configs,
+    dataplane,
+    dual_nodes,
+    dual_state,
+    held_vips,
+    many_services,
+)
+from lbappliance.testing.prober import Probe, target
+from lbappliance.testing.wait import holds_within
 
 pytestmark = pytest.mark.integration
 
-NODE_PORT = 30080
 SERVICES = 20
-ACTIVE_ACTIVE = {
-    "app1": "  homeInstances: [0]\n  backupPriority: 100\n  nopreempt: false\n  preemptDelay: 1",
-    "app2": "  homeInstances: [1]\n  backupPriority: 100\n  nopreempt: false\n  preemptDelay: 1",
-}
-
-
-def active_active_configs(workdir: Path) -> dict[str, ApplianceConfig]:
-    return {
-        "app1": box_config(workdir, "app1", priority=150, src="192.0.2.2", peer="192.0.2.3",
-                           src6="2001:db8:0:1::2", peer6="2001:db8:0:1::3", extra_vrrp=ACTIVE_ACTIVE["app1"]),
-        "app2": box_config(workdir, "app2", priority=150, src="192.0.2.3", peer="192.0.2.2",
-                           src6="2001:db8:0:1::3", peer6="2001:db8:0:1::2", extra_vrrp=ACTIVE_ACTIVE["app2"]),
-    }
-
-
-def many_services(n: int = SERVICES) -> list[Service]:
-    return [Service("default", f"web{i:02d}", creation=f"{i:02d}", ingress_ips=(f"192.0.2.{200 + i}",),
-                    ports=(ServicePort("http", "TCP", 80, NODE_PORT),)) for i in range(n)]
-
-
-def held_vips(lab: NetworkLab, box: str) -> set[str]:
-    """Service VIPs configured on the box's interface right now (what the client's ARP reaches)."""
-    out = lab.exec(box, ["ip", "-o", "addr", "show", "dev", "eth0"]).stdout
-    found = set()
-    for line in out.splitlines():
-        address = line.split()[3].split("/")[0]
-        if address.startswith("192.0.2.2") and len(address) > len("192.0.2.2") + 1:
-            found.add(address)
-    return found
 
 
 @pytest.fixture
@@ -58,7 +35,7 @@ def pair(lab: NetworkLab, tmp_path: Path) -> Iterator[tuple[dict[str, DataPlane]
     lab.serve_health_ports()
     configs = active_active_configs(tmp_path)
     planes = {box: dataplane(lab, config, box) for box, config in configs.items()}
-    states = {box: lab_state(configs[box], many_services(), dual_nodes(lab)) for box in configs}
+    states = {box: dual_state(configs[box], many_services(), dual_nodes(lab)) for box in configs}
     try:
         for box, dp in planes.items():
             dp.start()
@@ -87,26 +64,26 @@ def test_both_boxes_carry_vips_and_losing_one_moves_only_its_share(
         return (all(planes[box].vrrp_states() == mirrored[box] for box in planes)
                 and held_vips(lab, "app1") == expected["app1"] and held_vips(lab, "app2") == expected["app2"])
 
-    assert wait_for(settled, 15), (held_vips(lab, "app1"), held_vips(lab, "app2"), planes["app1"].vrrp_states())
+    assert holds_within(settled, 15), (held_vips(lab, "app1"), held_vips(lab, "app2"), planes["app1"].vrrp_states())
     owners = {box: vip_owner_states(state, planes[box].vrrp_states()) for box in planes}
     share = {box: sum(1 for s in owners[box].values() if s == "MASTER") for box in planes}
     print(f"\nactive-active share of {SERVICES} VIPs: {share}; vrrp app1 {planes['app1'].vrrp_states()}, "
           f"app2 {planes['app2'].vrrp_states()}")
     assert share == {"app1": len(expected["app1"]), "app2": len(expected["app2"])}
     all_vips = sorted(state.vip_instances)
-    assert wait_for(lambda: all(lab.http_get("client", f"http://{v}/", timeout=1)[0] == 200 for v in all_vips), 10)
+    assert holds_within(lambda: all(lab.http_get("client", f"http://{v}/", timeout=1)[0] == 200 for v in all_vips), 10)
 
-    probe = start_multi_probe(lab.client.netns, all_vips, seconds=6)
-    time.sleep(1.5)
-    planes["app2"].keepalived.kill()  # app2 fails hard: no goodbye advert
-    planes["app2"].haproxy.stop(sig=9, timeout=5)
-    result = finish_multi_probe(probe)
-    survivors = sum(result["fail"][v] for v in expected["app1"])
-    moved = sum(result["fail"][v] for v in expected["app2"])
-    ok = sum(result["ok"].values())
+    with Probe(lab.client.netns, [target(v, 80) for v in all_vips], 6, interval=0.005) as probe:
+        time.sleep(1.5)
+        planes["app2"].keepalived.kill()  # app2 fails hard: no goodbye advert
+        planes["app2"].haproxy.stop(sig=9, timeout=5)
+    result = probe.result
+    survivors = sum(result.fail_by[target(v, 80)] for v in expected["app1"])
+    moved = sum(result.fail_by[target(v, 80)] for v in expected["app2"])
+    ok = result.ok
     print(f"killing app2: {ok} ok; failed on app1's VIPs {survivors}, on app2's (moved) VIPs {moved}")
     assert survivors == 0, result
-    assert min(result["ok"][v] for v in expected["app1"]) > 10, result
+    assert min(result.ok_by[target(v, 80)] for v in expected["app1"]) > 10, result
     assert held_vips(lab, "app1") == set(all_vips)
     assert set(planes["app1"].vrrp_states().values()) == {"MASTER"}
     assert all(lab.http_get("client", f"http://{v}/", timeout=1)[0] == 200 for v in sorted(expected["app2"]))
@@ -117,9 +94,9 @@ def test_pinned_vip_goes_to_its_instance(lab: NetworkLab, tmp_path: Path) -> Non
     services = many_services(4)
     pinned = [Service(s.namespace, s.name, creation=s.creation, ingress_ips=s.ingress_ips, ports=s.ports,
                       annotations={"lbappliance.io/vrrp-instance": "1"}) for s in services]
-    state = lab_state(configs["app1"], pinned, dual_nodes(lab))
+    state = dual_state(configs["app1"], pinned, dual_nodes(lab))
     assert set(state.vip_instances.values()) == {"VI_v4_1"}
     bad = [Service("default", "bad", creation="1", ingress_ips=("192.0.2.230",), ports=services[0].ports,
                    annotations={"lbappliance.io/vrrp-instance": "2"})]
-    refused = lab_state(configs["app1"], bad, dual_nodes(lab))
+    refused = dual_state(configs["app1"], bad, dual_nodes(lab))
     assert refused.served == {} and "is not an instance index 0..1" in refused.problems[0].message

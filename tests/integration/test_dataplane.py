@@ -1,196 +1,43 @@
 """DataPlane on real haproxy/keepalived in the network lab: reloads, runtime updates, health, rejection.
 
-The helpers at the top (appliance configs, lab states, wrk) are reused by test_failover.py and
-bench/dataplane.py.
+The helpers (lab appliance configs, lab states, wrk) live in lbappliance.testing, shared with
+test_failover.py, test_udp.py and bench/dataplane.py.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from lbappliance.core.config import ApplianceConfig, load_pools, parse_config
-from lbappliance.core.models import ANN_SHARED, DesiredState, Node, Service, ServicePort
-from lbappliance.core.plan import Snapshot, desired_state
+from lbappliance.core.config import ApplianceConfig
+from lbappliance.core.models import ANN_SHARED, Service, ServicePort
 from lbappliance.core.render import RenderedConfigs, render
 from lbappliance.edges.apply import DataPlane
-from lbappliance.testing.netlab import VIP_POOL_V4, NetworkLab
+from lbappliance.testing.netlab import NetworkLab
+from lbappliance.testing.planes import (
+    NODE_PORT,
+    VIP,
+    VIP2,
+    dataplane,
+    lab_nodes,
+    lab_state,
+    node_counts,
+    plane_config,
+    vrrp_state,
+    web_service,
+)
+from lbappliance.testing.wait import holds_within
+from lbappliance.testing.wrk import finish_wrk, start_wrk
 
 pytestmark = pytest.mark.integration
 
-VIP = "192.0.2.200"
-VIP2 = "192.0.2.201"
-NODE_PORT = 30080
 LOCAL_NODE_PORT = 30090
 HC_NODE_PORT = 32100
-POOLS = f"""
-apiVersion: lbappliance.io/v1alpha1
-kind: AddressPoolList
-pools:
-- name: lab
-  addresses: [{VIP_POOL_V4}]
-"""
-
-# ---------------------------------------------------------------- helpers shared with failover and bench
-
-
-def appliance_config(workdir: Path, box: str, *, priority: int, peer: str, src: str, check_ms: int = 200,
-                     advert: float = 0.1, extra: str = "", extra_vrrp: str = "",
-                     hard_stop_after: str = "60s") -> ApplianceConfig:
-    """A lab appliance: unicast VRRP to its peer, files and sockets under its own dir.
-    `extra_vrrp` lines (indented two spaces) go into the vrrp block, `extra` at the top level."""
-    base = workdir / box
-    base.mkdir(parents=True, exist_ok=True)
-    return parse_config(f"""
-name: lab
-processMode: managed
-vrrp:
-  interface: eth0
-  priority: {priority}
-  advertInterval: {advert}
-  unicastSrcIp: {src}
-  unicastPeers: [{peer}]
-{extra_vrrp}
-healthCheck: {{intervalMilliseconds: {check_ms}, fall: 2, rise: 2}}
-haproxy:
-  statsAddress: null
-  maxconn: 4000
-  hardStopAfter: {hard_stop_after}
-paths:
-  haproxyConfig: {base}/haproxy.cfg
-  keepalivedConfig: {base}/keepalived.conf
-  stateDir: {base}/run
-{extra}
-""")
-
-
-def pair_configs(workdir: Path, **kw: object) -> tuple[ApplianceConfig, ApplianceConfig]:
-    """app1 (priority 150, normally MASTER) and app2 (100)."""
-    one = appliance_config(workdir, "app1", priority=150, src="192.0.2.2", peer="192.0.2.3", **kw)  # type: ignore[arg-type]
-    two = appliance_config(workdir, "app2", priority=100, src="192.0.2.3", peer="192.0.2.2", **kw)  # type: ignore[arg-type]
-    return one, two
-
-
-def lab_nodes(lab: NetworkLab, names: Sequence[str] | None = None) -> tuple[Node, ...]:
-    hosts = [h for h in lab.nodes if names is None or h.name in names]
-    return tuple(Node(h.name, (("InternalIP", h.ipv4),)) for h in hosts)
-
-
-def web_service(vip: str = VIP, port: int = 80, node_port: int = NODE_PORT, **kw: object) -> Service:
-    return Service("default", "web", creation="1", ports=(ServicePort("http", "TCP", port, node_port),),
-                   ingress_ips=(vip,), **kw)  # type: ignore[arg-type]
-
-
-def lab_state(config: ApplianceConfig, services: Sequence[Service], nodes: Sequence[Node]) -> DesiredState:
-    pools = load_pools(POOLS, "pools.yaml", config.own_addresses())
-    return desired_state(Snapshot(tuple(services), tuple(nodes), pools, config))[1]
-
-
-def vrrp_state(dp: DataPlane) -> str:
-    """The state of the box's only VRRP instance (the lab serves IPv4 VIPs only)."""
-    return next(iter(dp.vrrp_states().values()), "")
-
-
-def dataplane(lab: NetworkLab, config: ApplianceConfig, box: str) -> DataPlane:
-    return DataPlane(config, ["ip", "netns", "exec", lab.host(box).netns])
-
-
-@dataclass(frozen=True)
-class WrkResult:
-    requests: int
-    non_2xx: int
-    socket_errors: int
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    raw: str
-
-    @property
-    def failed(self) -> int:
-        return self.non_2xx + self.socket_errors
-
-
-def wrk_argv(url: str, seconds: int, connections: int = 8, threads: int = 1, close: bool = True) -> list[str]:
-    """New connection per request by default: a reload must not refuse or reset any of them."""
-    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "2s"]
-    if close:
-        argv += ["-H", "Connection: close"]
-    return [*argv, url]
-
-
-def start_wrk(lab: NetworkLab, url: str, seconds: int, cpus: str | None = None, **kw: object) -> subprocess.Popen[str]:
-    """wrk from the client host; `cpus` (a taskset list) pins it, for benchmarks."""
-    pin = ["taskset", "-c", cpus] if cpus else []
-    return subprocess.Popen(["ip", "netns", "exec", lab.client.netns, *pin, *wrk_argv(url, seconds, **kw)],  # type: ignore[arg-type]
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish_wrk(proc: subprocess.Popen[str], timeout: float = 120) -> WrkResult:
-    out, _ = proc.communicate(timeout=timeout)
-    return parse_wrk(out)
-
-
-def run_wrk(lab: NetworkLab, url: str, seconds: int, **kw: object) -> WrkResult:
-    return finish_wrk(start_wrk(lab, url, seconds, **kw), timeout=seconds + 60)
-
-
-_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
-
-
-def _latency_ms(text: str, pct: str) -> float:
-    m = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.M)
-    return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
-
-
-def parse_wrk(text: str) -> WrkResult:
-    """wrk's summary; any socket error (connect/read/write/timeout) or non-2xx counts as a failure."""
-    requests = re.search(r"(\d+) requests in", text)
-    if requests is None:
-        raise AssertionError(f"wrk produced no summary:\n{text}")
-    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    return WrkResult(
-        requests=int(requests.group(1)),
-        non_2xx=int(non2xx.group(1)) if non2xx else 0,
-        socket_errors=sum(int(g) for g in errors.groups()) if errors else 0,
-        rps=float(rps.group(1)) if rps else 0.0,
-        p50_ms=_latency_ms(text, "50"),
-        p99_ms=_latency_ms(text, "99"),
-        raw=text,
-    )
-
-
-def wait_for(predicate: object, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(interval)
-    return False
-
-
-def node_counts(lab: NetworkLab, url: str, n: int) -> dict[str, int]:
-    """Which node answered each of `n` requests from the client (a quick, bounded sampler)."""
-    code = ("import sys,json,urllib.request,collections\n"
-            "c=collections.Counter()\n"
-            "o=urllib.request.build_opener(urllib.request.ProxyHandler({}))\n"
-            f"for _ in range({n}):\n"
-            "    try:\n"
-            f"        c[o.open({url!r},timeout=2).read().decode().strip()]+=1\n"
-            "    except Exception as e:\n"
-            "        c['error']+=1; print(repr(e), file=sys.stderr)\n"
-            "print(json.dumps(c))\n")
-    res = lab.exec("client", ["python3", "-I", "-S", "-c", code], timeout=n * 2 + 10)
-    return json.loads(res.stdout.strip())
-
 
 # ---------------------------------------------------------------- fixtures
 
@@ -205,14 +52,14 @@ def served_lab(lab: NetworkLab) -> NetworkLab:
 @pytest.fixture
 def plane(served_lab: NetworkLab, tmp_path: Path) -> Iterator[tuple[DataPlane, ApplianceConfig]]:
     """app1 alone (no peer answers, so it becomes MASTER and holds the VIP)."""
-    config = appliance_config(tmp_path, "app1", priority=150, src="192.0.2.2", peer="192.0.2.3")
+    config = plane_config(tmp_path, "app1", priority=150)
     dp = dataplane(served_lab, config, "app1")
     try:
         dp.start()
         result = dp.apply(lab_state(config, [web_service()], lab_nodes(served_lab)))
         assert result.kind == "reload", result
-        assert wait_for(lambda: vrrp_state(dp) == "MASTER", 10), dp.vrrp_states()
-        assert wait_for(lambda: served_lab.http_get("client", f"http://{VIP}/", timeout=1)[0] == 200, 10)
+        assert holds_within(lambda: vrrp_state(dp) == "MASTER", 10), dp.vrrp_states()
+        assert holds_within(lambda: served_lab.http_get("client", f"http://{VIP}/", timeout=1)[0] == 200, 10)
         yield dp, config
     finally:
         dp.stop()
@@ -289,7 +136,7 @@ def test_runtime_added_node_serves_and_removed_node_stops(served_lab: NetworkLab
     try:
         nodes = lab_nodes(served_lab)
         assert dp.apply(lab_state(config, [web_service()], nodes)).kind == "runtime"
-        assert wait_for(lambda: new.name in node_counts(served_lab, f"http://{VIP}/", 8), 5)
+        assert holds_within(lambda: new.name in node_counts(served_lab, f"http://{VIP}/", 8), 5)
         assert dp.apply(lab_state(config, [web_service()], [n for n in nodes if n.name != new.name])).kind == "runtime"
         seen = node_counts(served_lab, f"http://{VIP}/", 12)
         assert new.name not in seen and "error" not in seen, seen
@@ -305,7 +152,7 @@ def test_failing_health_check_stops_traffic(served_lab: NetworkLab, plane: tuple
     served_lab.set_health("node2", 10256, healthy=False)
     try:
         t0 = time.monotonic()
-        assert wait_for(lambda: dp.server_health()[(backend, "node2")] == "DOWN", 5, 0.02)
+        assert holds_within(lambda: dp.server_health()[(backend, "node2")] == "DOWN", 5, 0.02)
         took = time.monotonic() - t0
         limit = (hc.interval_ms * (hc.fall + 1) + 2000) / 1000  # fall intervals + one in flight + check timeout
         print(f"\nnode2 marked DOWN {took:.2f}s after its health check failed (inter {hc.interval_ms}ms fall {hc.fall})")
@@ -314,7 +161,7 @@ def test_failing_health_check_stops_traffic(served_lab: NetworkLab, plane: tuple
         assert "node2" not in seen and "error" not in seen, seen
     finally:
         served_lab.set_health("node2", 10256, healthy=True)
-    assert wait_for(lambda: dp.server_health()[(backend, "node2")] == "UP", 5)
+    assert holds_within(lambda: dp.server_health()[(backend, "node2")] == "UP", 5)
 
 
 def test_one_check_per_node_however_many_services(served_lab: NetworkLab,
@@ -335,14 +182,14 @@ def test_one_check_per_node_however_many_services(served_lab: NetworkLab,
     assert len(trackers) == 21 * len(served_lab.nodes)
     served_lab.set_health("node2", 10256, healthy=False)
     try:
-        assert wait_for(lambda: all(st == "DOWN" for (_, srv), st in dp.server_health().items() if srv == "node2"),
+        assert holds_within(lambda: all(st == "DOWN" for (_, srv), st in dp.server_health().items() if srv == "node2"),
                         5, 0.02), dp.server_health()
         assert all(st == "UP" for (_, srv), st in dp.server_health().items() if srv != "node2")
         seen = node_counts(served_lab, f"http://{VIP}:8007/", 12)
         assert "node2" not in seen and "error" not in seen, seen
     finally:
         served_lab.set_health("node2", 10256, healthy=True)
-    assert wait_for(lambda: set(dp.server_health().values()) == {"UP"}, 5)
+    assert holds_within(lambda: set(dp.server_health().values()) == {"UP"}, 5)
 
 
 def test_keepalived_reloads_for_other_vips_never_withdraw_a_held_one(
@@ -360,7 +207,7 @@ def test_keepalived_reloads_for_other_vips_never_withdraw_a_held_one(
             result = dp.apply(lab_state(config, [web_service(), other] if i % 2 == 0 else [web_service()], nodes))
             assert result.keepalived_reloaded, result
             time.sleep(0.5)
-        assert wait_for(lambda: VIP2 not in served_lab.exec("app1", ["ip", "-o", "addr"]).stdout, 5)
+        assert holds_within(lambda: VIP2 not in served_lab.exec("app1", ["ip", "-o", "addr"]).stdout, 5)
     finally:
         monitor.terminate()
         events, _ = monitor.communicate(timeout=5)
@@ -379,7 +226,7 @@ def test_local_policy_only_nodes_with_endpoints(served_lab: NetworkLab, plane: t
     try:
         assert dp.apply(lab_state(config, [web_service(), local], lab_nodes(served_lab))).kind == "reload"
         backend = "be_default_local_tcp81_v4"
-        assert wait_for(lambda: dp.server_health().get((backend, "node1")) == "DOWN"
+        assert holds_within(lambda: dp.server_health().get((backend, "node1")) == "DOWN"
                         and dp.server_health().get((backend, "node3")) == "DOWN", 5)
         seen = node_counts(served_lab, f"http://{VIP2}:81/", 12)
         assert seen == {"node2": 12}, seen

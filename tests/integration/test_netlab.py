@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from lbappliance.edges.processes import alive, start_time
 from lbappliance.testing import netlab
-from lbappliance.testing.appliances import wait_for
 from lbappliance.testing.netlab import LabBusyError, NetworkLab, cleanup_stale
+from lbappliance.testing.wait import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -35,14 +36,6 @@ def _host_links() -> set[str]:
 
 def _with_prefix(prefix: str) -> set[str]:
     return {ns for ns in _netns() if ns.startswith(f"{prefix}-")}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2 :].split()[0] != "Z"
 
 
 # --------------------------------------------------------------------------- lifecycle
@@ -227,7 +220,7 @@ def test_crashed_lab_is_cleaned_by_cli(lab_available: None, tmp_path: Path) -> N
         helper = records[0]["pid"]
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=10)
-        assert _alive(helper)
+        assert alive(helper)
         assert "lbnld-node1" in _netns()
 
         res = subprocess.run(
@@ -238,7 +231,7 @@ def test_crashed_lab_is_cleaned_by_cli(lab_available: None, tmp_path: Path) -> N
         )
         assert res.returncode == 0, res.stderr
         assert _with_prefix("lbnld") == set()
-        assert not _alive(helper)
+        assert not alive(helper)
     finally:
         if child.poll() is None:
             child.kill()
@@ -252,7 +245,7 @@ def test_cleanup_never_kills_a_process_that_does_not_match(lab_available: None) 
     state.mkdir(parents=True, exist_ok=True)
     sleeper = subprocess.Popen(["sleep", "300"])
     try:
-        starttime = netlab._proc_starttime(sleeper.pid)
+        starttime = start_time(sleeper.pid)
         records = [
             # Right pid and start time, but a different program than recorded.
             {"pid": sleeper.pid, "starttime": starttime, "netns": "lbnle-node1", "argv": ["haproxy", "-f", "x"]},

@@ -7,65 +7,40 @@ table survives 100 updates untouched); failover keeps new UDP flows answered; IP
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from lbappliance.core.config import ApplianceConfig, load_pools
-from lbappliance.core.models import DesiredState, Node, Service, ServicePort
-from lbappliance.core.plan import Snapshot, desired_state
+from lbappliance.core.config import ApplianceConfig
+from lbappliance.core.models import ServicePort
 from lbappliance.edges.apply import DataPlane
-from lbappliance.testing.appliances import pools_yaml
 from lbappliance.testing.netlab import NetworkLab
-from tests.integration.test_dataplane import appliance_config, dataplane, wait_for
+from lbappliance.testing.planes import (
+    DNS_NODE_PORT,
+    DNS_VIP,
+    ECHO_NODE_PORT,
+    ECHO_VIP,
+    V6_VIP,
+    dataplane,
+    dual_nodes,
+    dual_state,
+    pair_configs,
+    udp_services,
+)
+from lbappliance.testing.prober import Probe, target
+from lbappliance.testing.wait import holds_within
 
 pytestmark = pytest.mark.integration
 
-ECHO_VIP, DNS_VIP, V6_VIP = "192.0.2.210", "192.0.2.211", "2001:db8:0:1::d2"
-ECHO_NODE_PORT, DNS_NODE_PORT = 30007, 30053
 CHECK_MS = 200
 
 
-def lab_state(config: ApplianceConfig, services: Sequence[Service], nodes: Sequence[Node]) -> DesiredState:
-    """Like test_dataplane.lab_state, with the lab's IPv4 and IPv6 VIP pools."""
-    pools = load_pools(pools_yaml(), "pools.yaml", config.own_addresses())
-    return desired_state(Snapshot(tuple(services), tuple(nodes), pools, config))[1]
-
-
-def box_config(workdir: Path, box: str, *, priority: int, src: str, peer: str, src6: str, peer6: str,
-               extra_vrrp: str = "", check_ms: int = CHECK_MS) -> ApplianceConfig:
-    """A dual-stack lab appliance: `appliance_config` with IPv6 VRRP peers as well."""
-    vrrp6 = f'  unicastSrcIp6: "{src6}"\n  unicastPeers6: ["{peer6}"]\n{extra_vrrp}'
-    return appliance_config(workdir, box, priority=priority, src=src, peer=peer, check_ms=check_ms,
-                            extra_vrrp=vrrp6, hard_stop_after="10s")
-
-
-def box_configs(workdir: Path, extra1: str = "", extra2: str = "", **kw: object
-                ) -> tuple[ApplianceConfig, ApplianceConfig]:
-    one = box_config(workdir, "app1", priority=150, src="192.0.2.2", peer="192.0.2.3",
-                     src6="2001:db8:0:1::2", peer6="2001:db8:0:1::3", extra_vrrp=extra1, **kw)  # type: ignore[arg-type]
-    two = box_config(workdir, "app2", priority=100, src="192.0.2.3", peer="192.0.2.2",
-                     src6="2001:db8:0:1::3", peer6="2001:db8:0:1::2", extra_vrrp=extra2, **kw)  # type: ignore[arg-type]
-    return one, two
-
-
-def dual_nodes(lab: NetworkLab) -> tuple[Node, ...]:
-    return tuple(Node(h.name, (("InternalIP", h.ipv4), ("InternalIP", h.ipv6))) for h in lab.nodes)
-
-
-def udp_services(v6: bool = False) -> list[Service]:
-    echo = Service("default", "echo", creation="1", ports=(ServicePort("echo", "UDP", 7, ECHO_NODE_PORT),),
-                   ingress_ips=(ECHO_VIP, V6_VIP) if v6 else (ECHO_VIP,),
-                   ip_families=("IPv4", "IPv6") if v6 else (), ip_family_policy="RequireDualStack" if v6 else
-                   "SingleStack")
-    dns = Service("kube-system", "dns", creation="2", ingress_ips=(DNS_VIP,),
-                  ports=(ServicePort("dns", "UDP", 53, DNS_NODE_PORT), ServicePort("dns-tcp", "TCP", 53, DNS_NODE_PORT)))
-    return [echo, dns]
+def box_configs(workdir: Path) -> tuple[ApplianceConfig, ApplianceConfig]:
+    """Dual-stack app1 (150) and app2 (100)."""
+    return pair_configs(workdir, dual=True, check_ms=CHECK_MS)
 
 
 def nft_table(lab: NetworkLab, box: str, table: str = "inet lbappliance") -> str:
@@ -87,9 +62,9 @@ def box(udp_lab: NetworkLab, tmp_path: Path) -> Iterator[tuple[DataPlane, Applia
     dp = dataplane(udp_lab, config, "app1")
     try:
         dp.start()
-        result = dp.apply(lab_state(config, udp_services(), dual_nodes(udp_lab)))
+        result = dp.apply(dual_state(config, udp_services(), dual_nodes(udp_lab)))
         assert result.kind == "reload", result
-        assert wait_for(lambda: set(dp.vrrp_states().values()) == {"MASTER"}, 10), dp.vrrp_states()
+        assert holds_within(lambda: set(dp.vrrp_states().values()) == {"MASTER"}, 10), dp.vrrp_states()
         yield dp, config
     finally:
         dp.stop()
@@ -98,7 +73,7 @@ def box(udp_lab: NetworkLab, tmp_path: Path) -> Iterator[tuple[DataPlane, Applia
 def test_udp_echo_and_dns_tcp_udp_answer_through_their_vips(udp_lab: NetworkLab,
                                                            box: tuple[DataPlane, ApplianceConfig]) -> None:
     dp, _ = box
-    assert wait_for(lambda: udp_lab.udp_ask("client", ECHO_VIP, 7, 1).get("error") is None, 5)
+    assert holds_within(lambda: udp_lab.udp_ask("client", ECHO_VIP, 7, 1).get("error") is None, 5)
     echo = udp_lab.udp_ask("client", ECHO_VIP, 7, 30)
     dns_udp = udp_lab.udp_ask("client", DNS_VIP, 53, 30)
     status, body = udp_lab.http_get("client", f"http://{DNS_VIP}:53/")
@@ -125,7 +100,7 @@ def test_node_failing_its_health_check_leaves_the_udp_map(udp_lab: NetworkLab,
             dp.sync_health()  # what the daemon does about once per check interval
             return "node2" not in dp.udp_map()["udp_default_echo_udp7_v4"]
 
-        assert wait_for(gone, 5, interval=CHECK_MS / 1000)
+        assert holds_within(gone, 5, interval=CHECK_MS / 1000)
         took = time.monotonic() - t0
         hc = config.health_check
         print(f"\nnode2 left the UDP map {took:.2f}s after its /healthz failed "
@@ -142,7 +117,7 @@ def test_node_failing_its_health_check_leaves_the_udp_map(udp_lab: NetworkLab,
         dp.sync_health()
         return "node2" in dp.udp_map()["udp_default_echo_udp7_v4"]
 
-    assert wait_for(back, 5, interval=CHECK_MS / 1000)
+    assert holds_within(back, 5, interval=CHECK_MS / 1000)
 
 
 def test_our_table_only_other_tables_untouched_after_100_updates(udp_lab: NetworkLab,
@@ -168,11 +143,11 @@ def test_our_table_only_other_tables_untouched_after_100_updates(udp_lab: Networ
     try:
         for i in range(100):
             if i % 4 == 0:
-                state = lab_state(config, [extra, services[1]], nodes)  # a UDP port added
+                state = dual_state(config, [extra, services[1]], nodes)  # a UDP port added
             elif i % 4 == 2:
-                state = lab_state(config, services, nodes[:2])  # a node leaves (runtime API + nft map)
+                state = dual_state(config, services, nodes[:2])  # a node leaves (runtime API + nft map)
             else:
-                state = lab_state(config, services, nodes)
+                state = dual_state(config, services, nodes)
             result = dp.apply(state)
             assert result.kind in ("reload", "runtime", "noop"), result
         after = nft_table(udp_lab, "app1", "inet othertest")
@@ -188,47 +163,13 @@ def test_our_table_only_other_tables_untouched_after_100_updates(udp_lab: Networ
 
 def test_ipv6_udp_vip_answers(udp_lab: NetworkLab, box: tuple[DataPlane, ApplianceConfig]) -> None:
     dp, config = box
-    assert dp.apply(lab_state(config, udp_services(v6=True), dual_nodes(udp_lab))).kind == "reload"
-    assert wait_for(lambda: set(dp.vrrp_states().values()) == {"MASTER"}, 10), dp.vrrp_states()
-    assert wait_for(lambda: "error" not in udp_lab.udp_ask("client", V6_VIP, 7, 1), 10)
+    assert dp.apply(dual_state(config, udp_services(v6=True), dual_nodes(udp_lab))).kind == "reload"
+    assert holds_within(lambda: set(dp.vrrp_states().values()) == {"MASTER"}, 10), dp.vrrp_states()
+    assert holds_within(lambda: "error" not in udp_lab.udp_ask("client", V6_VIP, 7, 1), 10)
     seen = udp_lab.udp_ask("client", V6_VIP, 7, 20)
     print(f"\nUDP echo via IPv6 VIP {V6_VIP}: {seen}")
     assert set(seen) <= {h.name for h in udp_lab.nodes} and sum(seen.values()) == 20
     assert "dnat ip6 to jhash ip6 saddr . udp sport mod 3" in nft_table(udp_lab, "app1")
-
-
-UDP_PROBE = r"""
-import json, socket, sys, time
-addr, port, duration, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-ok = fail = 0
-last_ok = None
-max_gap = 0.0
-nodes = {}
-end = time.monotonic() + duration
-print("ready", flush=True)
-while time.monotonic() < end:
-    t = time.monotonic()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(0.1)
-        try:
-            s.sendto(b"p", (addr, port))
-            data, _ = s.recvfrom(512)
-            good = data.endswith(b" p")
-        except OSError:
-            good = False
-    now = time.monotonic()
-    if good:
-        ok += 1
-        node = data.split()[0].decode()
-        nodes[node] = nodes.get(node, 0) + 1
-        if last_ok is not None:
-            max_gap = max(max_gap, now - last_ok)
-        last_ok = now
-    else:
-        fail += 1
-    time.sleep(max(0.0, interval - (time.monotonic() - t)))
-print(json.dumps({"ok": ok, "fail": fail, "max_gap": max_gap, "nodes": nodes, "last_ok": end - (last_ok or 0)}))
-"""
 
 
 def test_failover_keeps_new_udp_flows_answered(udp_lab: NetworkLab, tmp_path: Path) -> None:
@@ -238,26 +179,24 @@ def test_failover_keeps_new_udp_flows_answered(udp_lab: NetworkLab, tmp_path: Pa
         for name, dp in planes.items():
             dp.start()
             config = one if name == "app1" else two
-            assert dp.apply(lab_state(config, udp_services(), dual_nodes(udp_lab))).kind == "reload"
-        assert wait_for(lambda: set(planes["app1"].vrrp_states().values()) == {"MASTER"}
+            assert dp.apply(dual_state(config, udp_services(), dual_nodes(udp_lab))).kind == "reload"
+        assert holds_within(lambda: set(planes["app1"].vrrp_states().values()) == {"MASTER"}
                         and set(planes["app2"].vrrp_states().values()) == {"BACKUP"}, 10)
-        assert wait_for(lambda: "error" not in udp_lab.udp_ask("client", ECHO_VIP, 7, 1), 5)
-        probe = subprocess.Popen(["ip", "netns", "exec", udp_lab.client.netns, "python3", "-I", "-S", "-c", UDP_PROBE,
-                                  ECHO_VIP, "7", "5", "0.01"], stdout=subprocess.PIPE, text=True)
-        assert probe.stdout is not None and probe.stdout.readline().strip() == "ready"
+        assert holds_within(lambda: "error" not in udp_lab.udp_ask("client", ECHO_VIP, 7, 1), 5)
+        probe = Probe(udp_lab.client.netns, [target(ECHO_VIP, 7)], 5, proto="udp", interval=0.01,
+                      read_timeout=0.1).start()
         time.sleep(1.5)
         # The active box vanishes (its port leaves the switch; it notices nothing, like a dead VM):
         # killing its processes would not do, its kernel would keep forwarding UDP on its own.
         udp_lab.link_down("app1", silent=True)
         try:
-            out, _ = probe.communicate(timeout=30)
+            result = probe.finish(timeout=30)
         finally:
             udp_lab.link_up("app1")
-        result = json.loads(out.strip().splitlines()[-1])
         print(f"\nUDP during hard failover: {result}")
         assert set(planes["app2"].vrrp_states().values()) == {"MASTER"}
-        assert 0.1 < result["max_gap"] < 1.5, result
-        assert result["last_ok"] < 0.3, result  # new flows answered through the new master at the end
+        assert 0.1 < result.max_gap < 1.5, result
+        assert result.since_last_ok < 0.3, result  # new flows answered through the new master at the end
         assert "error" not in udp_lab.udp_ask("client", ECHO_VIP, 7, 10)
         assert "error" not in udp_lab.udp_ask("client", DNS_VIP, 53, 10)
     finally:

@@ -1,8 +1,15 @@
-"""`lbappliance lab up|failover|down`: the whole system on one machine.
+"""`lbappliance lab up|status|failover|down`: the whole system on one machine.
 
 A real kube-apiserver + etcd, a network lab of namespaces (two appliance hosts, a client,
-N nodes), both daemons with the least-privilege identity, and examples/*.yaml applied.
-Everything lives in namespaces prefixed `lab-` and in WORKDIR; `down` removes both.
+N nodes), both daemons with the least-privilege identity, and the examples applied. It builds
+on the test harnesses of this package, and what it reads besides (deploy/rbac.yaml and
+examples/*.yaml) ships with them as package data, so it runs from an installed wheel too (with
+a control plane built earlier, see `controlplane.find_binaries`).
+
+It runs as root, so nothing lives at a predictable path in the shared temporary folder: each
+`up` makes a private work directory (mkdtemp, mode 0700), and records it, with the PIDs it
+started, in a state file under /run (root's alone). `status`, `failover` and `down` trust only
+a state file and a work directory owned by us that nobody else may write.
 """
 
 from __future__ import annotations
@@ -12,30 +19,27 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
-import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .testing.appliances import (
-    Appliance,
-    example_manifests,
-    make_pair,
-    node_objects,
-    node_ports,
-    wait_for,
-)
+from lbappliance.edges.processes import alive, start_time, stop_pid
+
+from .appliances import Appliance, example_manifests, node_ports, start_daemons
+from .netlab import STATE_ROOT
+from .prober import Probe, target
+from .wait import wait_for
 
 if TYPE_CHECKING:
-    from .testing.netlab import NetworkLab
+    from .netlab import NetworkLab
 
 PREFIX = "lab"
-WORKDIR = Path(os.environ.get("LBAPPLIANCE_LAB_DIR", "/tmp/lbappliance-lab"))
-STATE = WORKDIR / "lab.json"
-REPO = Path(__file__).resolve().parents[1]
+STATE = STATE_ROOT / "lab.json"
 Echo = Callable[[str], None]
 
 
@@ -44,7 +48,7 @@ class LabFailure(RuntimeError):
 
 
 def _preflight() -> None:
-    from .testing.netlab import lab_unavailable_reason
+    from .netlab import lab_unavailable_reason
 
     reason = lab_unavailable_reason()
     if reason:
@@ -72,28 +76,6 @@ def _with_progress(echo: Echo, what: str, fn: Callable[[], Any]) -> Any:
         echo(f"  {what}: done in {time.monotonic() - start:.1f}s")
 
 
-def _pid_alive(pid: int, needle: str) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return False
-    return needle in cmdline
-
-
-def _kill(pid: int, needle: str, timeout: float = 10.0) -> None:
-    """End one process we started, by PID, only if it still runs what we started."""
-    if not _pid_alive(pid, needle):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _pid_alive(pid, needle):
-        time.sleep(0.1)
-    if _pid_alive(pid, needle):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def _vip_holder(apps: list[Appliance], vip: str, exclude: str | None = None) -> str:
     """The appliance whose status says it is VRRP master for the instance carrying `vip`."""
     for app in apps:
@@ -105,62 +87,67 @@ def _vip_holder(apps: list[Appliance], vip: str, exclude: str | None = None) -> 
     return "-"
 
 
-def up(nodes: int, echo: Echo) -> list[dict[str, Any]]:
+def _record(pid: int) -> dict[str, int | None]:
+    """A PID with its start time, so `down` never signals a process that merely reuses the PID."""
+    return {"pid": pid, "started": start_time(pid)}
+
+
+def up(nodes: int, echo: Echo) -> tuple[list[dict[str, Any]], Path]:
+    """Start everything and apply the examples; the Services' rows and the lab's work directory."""
     from kubernetes import client, config
 
-    from .testing.controlplane import ControlPlane, apply_manifest, ensure_built
-    from .testing.netlab import NetworkLab
+    from .controlplane import ControlPlane, find_binaries
+    from .netlab import NetworkLab
 
     _preflight()
     if STATE.exists():
         echo("a previous lab exists; taking it down first")
         down(echo)
-    WORKDIR.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="lbappliance-lab-"))  # mode 0700, a new name each run
+    state: dict[str, Any] = {"workdir": str(workdir), "prefix": PREFIX, "daemons": []}
+    _save(state)
+    echo(f"lab directory {workdir}")
     echo("1/6 kube-apiserver + etcd binaries (cached build; the first one takes 10-20 min)")
-    bin_dir = _with_progress(echo, "build", lambda: ensure_built(REPO))
+    try:
+        bin_dir = _with_progress(echo, "build", find_binaries)
+    except Exception as exc:
+        raise LabFailure(str(exc)) from exc
     echo("2/6 starting the control plane")
-    cp = ControlPlane(bin_dir, WORKDIR / "controlplane", die_with_parent=False)
-    state: dict[str, Any] = {"workdir": str(WORKDIR), "prefix": PREFIX, "daemons": []}
+    cp = ControlPlane(bin_dir, workdir / "controlplane", die_with_parent=False)
     try:
         cp.start()
     except Exception as exc:
         raise LabFailure(f"control plane failed to start: {exc} (log: {cp.apiserver_log})") from exc
-    state["controlplane"] = {"apiserver_pid": cp.apiserver_pid, "etcd_pid": cp.etcd_pid,
+    assert cp.apiserver_pid is not None and cp.etcd_pid is not None
+    state["controlplane"] = {"apiserver": _record(cp.apiserver_pid), "etcd": _record(cp.etcd_pid),
                              "admin_kubeconfig": str(cp.admin_kubeconfig)}
     _save(state)
     echo(f"  apiserver {cp.url} ready in {cp.ready_seconds:.1f}s")
     echo(f"3/6 network lab: 2 appliances, 1 client, {nodes} nodes")
-    lab = NetworkLab(prefix=PREFIX, nodes=nodes, workdir=WORKDIR / "net")
+    lab = NetworkLab(prefix=PREFIX, nodes=nodes, workdir=workdir / "net")
     lab.up()
     state["hosts"] = {name: {"netns": h.netns, "ipv4": h.ipv4, "ipv6": h.ipv6} for name, h in lab.hosts.items()}
     _save(state)
     admin = config.new_client_from_config(config_file=str(cp.admin_kubeconfig))
     core = client.CoreV1Api(admin)
-    apply_manifest(admin, REPO / "deploy" / "rbac.yaml", field_manager="lbappliance-lab")
-    for node in node_objects(lab):
-        core.create_node(node)
     manifests = example_manifests()
     ports, health = node_ports(manifests)
-    lab.serve_nodeports(ports)
-    lab.serve_health_ports(health)
     echo("4/6 appliances (daemons with the least-privilege identity from deploy/rbac.yaml)")
-    apps = list(make_pair(lab, WORKDIR, cp.appliance_kubeconfig))
+    try:
+        apps = list(start_daemons(admin, lab, workdir, cp.appliance_kubeconfig, nodeports=ports,
+                                  health_ports=health, field_manager="lbappliance-lab"))
+    except TimeoutError as exc:
+        raise LabFailure(f"appliances did not start: {exc}") from exc
     for app in apps:
-        app.start()
         assert app.proc is not None
-        state["daemons"].append({"name": app.name, "pid": app.proc.pid, "config": str(app.config_path),
+        state["daemons"].append({"name": app.name, **_record(app.proc.pid), "config": str(app.config_path),
                                  "log": str(app.log_path)})
     _save(state)
-    try:
-        wait_for(lambda: all(a.status() for a in apps), 60, what="the daemons' first pass")
-    except TimeoutError as exc:
-        raise LabFailure(f"appliances did not start; logs: {[str(a.log_path) for a in apps]}") from exc
     echo("5/6 applying examples/*.yaml")
     for doc in manifests:
         core.create_namespaced_service("default", doc)
     echo("6/6 requests from the client host through each VIP")
-    rows = _service_rows(core, manifests, apps, lab)
-    return rows
+    return _service_rows(core, manifests, apps, lab), workdir
 
 
 def _service_rows(core: Any, manifests: list[dict[str, Any]], apps: list[Appliance],
@@ -196,15 +183,51 @@ def _ok(lab: NetworkLab, url: str) -> str | None:
     return body.strip() if status == 200 else None
 
 
+def _private(path: Path, kind: str) -> os.stat_result:
+    """lstat of a path only we may have written: ours, no symlink, no write for group or others."""
+    info = path.lstat()
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022 or stat.S_ISLNK(info.st_mode):
+        raise LabFailure(f"refusing {kind} {path}: not ours alone (owner {info.st_uid}, "
+                         f"mode {stat.filemode(info.st_mode)})")
+    return info
+
+
 def _save(state: dict[str, Any]) -> None:
-    STATE.write_text(json.dumps(state, indent=1))
+    """Replace the state file atomically; it and its directory are root's (or ours) alone."""
+    STATE.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    _private(STATE.parent, "state directory")
+    fd, tmp = tempfile.mkstemp(dir=STATE.parent, prefix=".lab-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(state, f, indent=1)
+    os.replace(tmp, STATE)
 
 
 def _load() -> dict[str, Any]:
+    """The recorded lab, after checking that nobody else could have written it or its work directory."""
     try:
-        return json.loads(STATE.read_text())  # type: ignore[no-any-return]
+        _private(STATE.parent, "state directory")
+        _private(STATE, "state file")
+        state: dict[str, Any] = json.loads(STATE.read_text())
     except (OSError, ValueError) as exc:
         raise LabFailure(f"no lab is up ({STATE}: {exc}); run `lbappliance lab up`") from None
+    workdir = Path(state.get("workdir", ""))
+    try:
+        info = _private(workdir, "lab directory")
+    except OSError as exc:
+        raise LabFailure(f"the lab directory is gone ({exc}); run `lbappliance lab down`") from None
+    if not stat.S_ISDIR(info.st_mode) or info.st_mode & 0o077:
+        raise LabFailure(f"refusing lab directory {workdir}: not a private directory")
+    return state
+
+
+def workdir() -> Path:
+    """The running lab's work directory (its configs, logs, kubeconfigs)."""
+    return Path(_load()["workdir"])
+
+
+def hosts() -> dict[str, dict[str, str]]:
+    """The running lab's hosts: name -> netns and addresses."""
+    return dict(_load()["hosts"])
 
 
 def _apps(state: dict[str, Any]) -> list[Appliance]:
@@ -216,6 +239,24 @@ def _apps(state: dict[str, Any]) -> list[Appliance]:
         app = Appliance(d["name"], state["hosts"][d["name"]]["netns"], Path(d["config"]), config, Path(d["log"]))
         apps.append(app)
     return apps
+
+
+def _running(record: dict[str, Any]) -> bool:
+    return alive(record["pid"]) and start_time(record["pid"]) == record.get("started")
+
+
+def status() -> dict[str, Any]:
+    """Where the lab is and whether its processes run: for `lbappliance lab status`."""
+    state = _load()
+    cp = state.get("controlplane") or {}
+    return {
+        "workdir": state["workdir"],
+        "admin_kubeconfig": cp.get("admin_kubeconfig", "-"),
+        "processes": [{"name": name, "pid": record["pid"], "running": _running(record)}
+                      for name, record in [*((k, cp[k]) for k in ("apiserver", "etcd") if k in cp),
+                                           *((d["name"], d) for d in state.get("daemons", []))]],
+        "configs": {d["name"]: d["config"] for d in state.get("daemons", [])},
+    }
 
 
 def failover(echo: Echo, duration: float = 6.0) -> dict[str, Any]:
@@ -231,26 +272,24 @@ def failover(echo: Echo, duration: float = 6.0) -> dict[str, Any]:
     if victim is None:
         raise LabFailure(f"cannot tell which appliance holds {vip}")
     echo(f"{vip} is held by {active}; probing http://{vip}:{port}/ from the client every 20 ms")
-    prober = subprocess.Popen(
-        ["ip", "netns", "exec", state["hosts"]["client"]["netns"], sys.executable, "-m",
-         "lbappliance.testing.prober", "--url", f"http://{vip}:{port}/", "--duration", str(duration)],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    time.sleep(1.5)
-    echo(f"stopping appliance {active} (its daemon, HAProxy and keepalived)")
-    _kill(victim["pid"], "lbappliance")
-    out, _ = prober.communicate(timeout=duration + 30)
-    result = json.loads(out.strip().splitlines()[-1])
-    result["from"] = active
+    with Probe(state["hosts"]["client"]["netns"], [target(vip, int(port))], duration, interval=0.02,
+               connect_timeout=0.25, read_timeout=0.25) as probe:
+        time.sleep(1.5)
+        echo(f"stopping appliance {active} (its daemon, HAProxy and keepalived)")
+        stop_pid(victim["pid"], signal.SIGTERM, 15, started=victim.get("started"))
+    seen = probe.result
+    result: dict[str, Any] = {"from": active, "outage_s": seen.max_gap, "ok": seen.ok, "failed": seen.failed,
+                              "answered_by": seen.answered_by}
     try:  # the stopped box's status file is stale: ask the others, once they have noticed
         result["to"] = wait_for(lambda: _vip_holder(apps, vip, exclude=active).strip("-"), 10, interval=0.2)
     except TimeoutError:
         result["to"] = "-"
-    echo(f"{vip} moved {active} -> {result['to']}; outage {result['longest_gap_s']:.3f}s; "
-         f"{result['ok']} ok / {result['failed']} failed requests; answered by {result['answered_by']}")
+    echo(f"{vip} moved {active} -> {result['to']}; outage {seen.max_gap:.3f}s; "
+         f"{seen.ok} ok / {seen.failed} failed requests; answered by {seen.answered_by}")
     app = next(a for a in apps if a.name == active)
     app.start()
     assert app.proc is not None
-    victim["pid"] = app.proc.pid
+    victim.update(_record(app.proc.pid))
     _save(state)
     echo(f"{active} restarted; it rejoins as backup (nopreempt), so the VIP stays on {result['to']}")
     return result
@@ -258,21 +297,28 @@ def failover(echo: Echo, duration: float = 6.0) -> dict[str, Any]:
 
 def down(echo: Echo) -> None:
     """Remove everything the lab made; safe to run twice and after a crash."""
-    from .testing.netlab import cleanup_stale
+    from .netlab import cleanup_stale
 
     state: dict[str, Any] = {}
-    with contextlib.suppress(LabFailure):
+    try:
         state = _load()
+    except LabFailure as exc:
+        if STATE.exists():
+            echo(f"{exc}: its processes and directory are left alone")
     for daemon in state.get("daemons", []):
-        _kill(daemon["pid"], "lbappliance")
+        stop_pid(daemon["pid"], signal.SIGTERM, 15, started=daemon.get("started"))
     cp = state.get("controlplane") or {}
-    for key, needle in (("apiserver_pid", "kube-apiserver"), ("etcd_pid", "etcd")):
+    for key in ("apiserver", "etcd"):
         if cp.get(key):
-            _kill(cp[key], needle)
+            stop_pid(cp[key]["pid"], signal.SIGTERM, 10, started=cp[key].get("started"))
     _reap_namespace_processes(_lab_namespaces())
     removed = cleanup_stale(PREFIX)
-    shutil.rmtree(WORKDIR, ignore_errors=True)
-    echo(f"lab down: removed {len(removed)} namespaces and {WORKDIR}")
+    where = state.get("workdir")
+    if where:
+        shutil.rmtree(where, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        STATE.unlink()
+    echo(f"lab down: removed {len(removed)} namespaces" + (f" and {where}" if where else ""))
 
 
 def _lab_namespaces() -> list[str]:
@@ -284,18 +330,14 @@ def _lab_namespaces() -> list[str]:
 def _reap_namespace_processes(namespaces: list[str]) -> None:
     """haproxy/keepalived left in our own lab namespaces by a crashed daemon are ours to end;
     the lab's recorded helpers are left to its own cleanup."""
-    from .testing.netlab import STATE_ROOT
-
     recorded = set()
     with contextlib.suppress(OSError):
-        for line in (Path(STATE_ROOT) / PREFIX / "pids").read_text().splitlines():
+        for line in (STATE_ROOT / PREFIX / "pids").read_text().splitlines():
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 recorded.add(int(json.loads(line)["pid"]))
     for ns in namespaces:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False).stdout
             for pid in pids.split():
-                if int(pid) in recorded:
-                    continue
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
+                if pid.isdigit() and int(pid) not in recorded:
+                    stop_pid(int(pid), signal.SIGKILL, 5)
