@@ -50,6 +50,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from lbappliance.edges.processes import signal_and_wait, stop_child
 
@@ -186,30 +187,27 @@ class _PKI:
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lbappliance-test-ca")])
         ski = x509.SubjectKeyIdentifier.from_public_key(self.ca_key.public_key())
         self.ca_cert = (
+            self._builder(name, name, self.ca_key.public_key(), ca=True)
+            .add_extension(ski, critical=False)
+            .sign(self.ca_key, hashes.SHA256())
+        )
+
+    def _builder(self, subject: Any, issuer: Any, public_key: Any, *, ca: bool) -> Any:
+        """A certificate valid for a year: a CA's (signs certificates) or a leaf's (signs only)."""
+        x509 = self._x509
+        usage = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                              data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
+                              encipher_only=False, decipher_only=False)
+        return (
             x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.ca_key.public_key())
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(self._now)
             .not_valid_after(self._not_after)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(ski, critical=False)
-            .sign(self.ca_key, hashes.SHA256())
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(usage, critical=True)
         )
 
     @property
@@ -234,28 +232,7 @@ class _PKI:
         attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
         eku = x509.oid.ExtendedKeyUsageOID.SERVER_AUTH if server else x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name(attrs))
-            .issuer_name(self.ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(self._now)
-            .not_valid_after(self._not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            self._builder(x509.Name(attrs), self.ca_cert.subject, key.public_key(), ca=False)
             .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ca_key.public_key()), critical=False)
         )
