@@ -132,6 +132,8 @@ class Daemon:
         self.writes = LeaderWrites(self.cluster.publisher)
         self.reconciler = Reconciler(self.cluster, self.dataplane, self.writes, self.metrics, self.identity)
         self.pools_watch = PoolsWatch(self.flags)
+        for name in ("config", "pools"):
+            self.metrics.config_stale.labels(name).set(0)
         self.metrics.api_requests.set_function(lambda: self.cluster.requests)  # Events land between passes
         self.metrics.events_pending.set_function(self.writes.events.pending)
         self.metrics.events_dropped.set_function(lambda: self.writes.events.dropped)
@@ -258,6 +260,7 @@ class Daemon:
         le = config.leader_election
         self.elector.reload(le.namespace, le.lease_name, le.lease_duration, le.renew_deadline)
         self.dataplane.reload(config)
+        self.metrics.config_stale.labels("config").set(0)
         try:
             self.metrics.serve(config.metrics_address)
         except OSError as exc:
@@ -265,7 +268,6 @@ class Daemon:
         self.pools_watch.follow(config.paths.pools)
         if config.log_format != old.log_format:
             configure_logging(config.log_format, logging.getLogger().level)
-        self.metrics.config_stale.labels("config").set(0)
         log.info("config reloaded from %s (changed: %s)", self.config_path,
                  ", ".join(changed_sections(old, config)) or "nothing")
         self.flags.poke()
