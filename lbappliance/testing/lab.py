@@ -15,6 +15,7 @@ a state file and a work directory owned by us that nobody else may write.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -56,6 +57,8 @@ def _preflight() -> None:
     for binary in ("haproxy", "keepalived"):
         if shutil.which(binary) is None and not Path(f"/usr/sbin/{binary}").exists():
             raise LabFailure(f"{binary} is not installed (run `make setup` or scripts/setup.sh)")
+    if importlib.util.find_spec("cryptography") is None:  # the control plane's throwaway PKI
+        raise LabFailure("the lab needs the test extra: pip install 'lbappliance[test]'")
 
 
 def _with_progress(echo: Echo, what: str, fn: Callable[[], Any]) -> Any:
@@ -167,8 +170,7 @@ def _service_rows(core: Any, manifests: list[dict[str, Any]], apps: list[Applian
                          "answer": "no address (see `lbappliance status`)"})
             continue
         for port in doc["spec"]["ports"]:
-            url = f"http://{ips[0]}:{port['port']}/"
-            answer = wait_for(lambda url=url: _ok(lab, url), 15, interval=0.3, what=url) if ips else ""
+            answer = lab.answer("client", ips[0], port["port"], 15, interval=0.3)
             try:  # status.json is rewritten each pass; give the boxes a moment to report VRRP
                 holder = wait_for(lambda vip=ips[0]: _vip_holder(apps, vip).strip("-"), 10, interval=0.2)
             except TimeoutError:
@@ -176,11 +178,6 @@ def _service_rows(core: Any, manifests: list[dict[str, Any]], apps: list[Applian
             rows.append({"service": f"default/{name}", "vip": ips[0], "ports": f"{port['port']}/TCP",
                          "holder": holder, "answer": f"200 from {answer}"})
     return rows
-
-
-def _ok(lab: NetworkLab, url: str) -> str | None:
-    status, body = lab.http_get("client", url, timeout=2.0)
-    return body.strip() if status == 200 else None
 
 
 def _private(path: Path, kind: str) -> os.stat_result:

@@ -49,6 +49,7 @@ from typing import IO, Any, Literal
 from lbappliance.edges.processes import command_line, kill_group, process_group, start_time, stop_child, stop_pid
 from lbappliance.testing.healthserver import KUBE_PROXY_HEALTH_PORT, down_marker
 from lbappliance.testing.prober import probe_in, target
+from lbappliance.testing.wait import wait_for
 
 log = logging.getLogger(__name__)
 
@@ -934,6 +935,18 @@ class NetworkLab:
         except (ValueError, IndexError):
             return 0, f"probe failed ({res.returncode}): {res.stderr.strip()}"
         return int(status), str(body)
+
+    def answer(self, from_host: str | LabHost, address: str, port: int = 80, timeout: float = 10.0,
+               interval: float = 0.2) -> str:
+        """The body of the first 200 answer to ``GET http://address:port/`` from inside a host,
+        waiting up to ``timeout`` s for one (a VIP that is still being set up, for example)."""
+        url = f"http://[{address}]:{port}/" if ":" in address else f"http://{address}:{port}/"
+
+        def ok() -> str | None:
+            status, body = self.http_get(from_host, url, timeout=2.0)
+            return body.strip() if status == 200 else None
+
+        return wait_for(ok, timeout, interval, what=f"{url} answering in {self.host(from_host).netns}")
 
     def describe(self) -> list[dict[str, Any]]:
         """The hosts as plain dicts (for ``--up`` output and debugging)."""

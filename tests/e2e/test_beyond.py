@@ -90,16 +90,8 @@ def _ingress(core: Any, ns: str, name: str, count: int = 1, timeout: float = 20)
     return wait_for(ips, timeout, what=f"{count} address(es) in status of {ns}/{name}")
 
 
-def _url(vip: str, port: int) -> str:
-    return f"http://[{vip}]:{port}/" if ":" in vip else f"http://{vip}:{port}/"
-
-
 def _answered(lab: Any, vip: str, port: int, timeout: float = 15) -> str:
-    def ok() -> str | None:
-        status, body = lab.http_get("client", _url(vip, port), timeout=2)
-        return body.strip() if status == 200 else None
-
-    return wait_for(ok, timeout, interval=0.2, what=f"{vip}:{port} answering")
+    return lab.answer("client", vip, port, timeout)  # type: ignore[no-any-return]
 
 
 def _udp_answered(lab: Any, vip: str, port: int, n: int = 20, timeout: float = 15) -> dict[str, int]:

@@ -69,11 +69,7 @@ def _get(lab: Any, vip: str, port: int, timeout: float = 2.0) -> tuple[int, str]
 
 
 def _answered(lab: Any, vip: str, port: int, timeout: float = 10) -> str:
-    def ok() -> str | None:
-        status, body = _get(lab, vip, port)
-        return body.strip() if status == 200 else None
-
-    return wait_for(ok, timeout, interval=0.2, what=f"{vip}:{port} answering")
+    return lab.answer("client", vip, port, timeout)  # type: ignore[no-any-return]
 
 
 def _delete_all(core: Any, ns: str, names: list[str], timeout: float = 20) -> None:
