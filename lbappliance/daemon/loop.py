@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes.config.config_exception import ConfigException
 
 from ..core.config import ApplianceConfig
@@ -101,7 +102,7 @@ def _connect(config: ApplianceConfig, on_change: Any, identity: str) -> tuple[Cl
     ConfigFileError naming it."""
     try:
         api = api_client_from_kubeconfig(config.cluster.kubeconfig)
-    except (ConfigException, OSError, ValueError, TypeError) as exc:
+    except (ConfigException, OSError, ValueError, TypeError, KeyError, yaml.YAMLError) as exc:
         where = config.cluster.kubeconfig or "in-cluster config"
         raise ConfigFileError(f"{where}: cannot be used to reach the API server: {exc}") from None
     le = config.leader_election
