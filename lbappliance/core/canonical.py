@@ -28,7 +28,7 @@ _ADDRESS_CHARS = re.compile(r"[0-9A-Fa-f:.]{2,45}")
 _NETWORK_CHARS = re.compile(r"[0-9A-Fa-f:./]{2,49}")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_HOSTNAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*")
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([-A-Za-z0-9_]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([-A-Za-z0-9_]*[A-Za-z0-9_])?)*")
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 _INTERFACE = re.compile(r"[A-Za-z0-9_.@-]{1,15}")
 _ABS_PATH = re.compile(r"/[A-Za-z0-9_./@+-]{0,4095}")
@@ -50,6 +50,13 @@ def truncate(value: Any, limit: int = SHOWN_CHARACTERS) -> str:
     if len(text) <= limit:
         return repr(value)
     return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def shown(value: Any, limit: int = SHOWN_CHARACTERS) -> str:
+    """Short printable text as it is (a name in `Service ns/name`), anything else as `truncate` does."""
+    if isinstance(value, str) and len(value) <= limit and value.isprintable() and "'" not in value:
+        return value
+    return truncate(value, limit)
 
 
 def bounded(message: str, limit: int = MESSAGE_LIMIT) -> str:

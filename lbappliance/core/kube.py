@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from . import canonical
+from .canonical import shown, truncate
 from .models import (
     FINALIZER,
     LABEL_EXCLUDE,
@@ -15,9 +16,6 @@ from .models import (
     Service,
     ServicePort,
 )
-
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
 class ObjectError(ValueError):
@@ -40,14 +38,17 @@ def service_from_object(obj: Mapping[str, Any]) -> Service:
     status = obj.get("status") or {}
     namespace = str(meta.get("namespace") or "default")
     name = str(meta.get("name") or "")
-    where = f"Service {namespace}/{name}"
-    if not DNS_LABEL.match(namespace) or not DNS_LABEL.match(name):
-        raise ObjectError(f"{where}: metadata.name/namespace must be DNS labels")
+    where = f"Service {shown(namespace)}/{shown(name)}"
+    for field, value in (("namespace", namespace), ("name", name)):
+        try:
+            canonical.dns_label(value)
+        except canonical.Invalid as exc:
+            raise ObjectError(f"{where}: metadata.name/namespace must be DNS labels: metadata.{field} {exc}") from None
     ports = []
     for i, port in enumerate(spec.get("ports") or []):
         number = _int_or_none(port.get("port"))
         if number is None or not 0 < number < 65536:
-            raise ObjectError(f"{where}: spec.ports[{i}].port must be 1-65535, got {port.get('port')!r}")
+            raise ObjectError(f"{where}: spec.ports[{i}].port must be 1-65535, got {truncate(port.get('port'))}")
         node_port = _int_or_none(port.get("nodePort"))
         ports.append(ServicePort(
             name=str(port.get("name") or ""),
@@ -91,17 +92,33 @@ def node_from_object(obj: Mapping[str, Any]) -> Node:
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
     name = str(meta.get("name") or "")
-    if not DNS_SUBDOMAIN.match(name):
-        raise ObjectError(f"Node {name!r}: metadata.name must be a DNS subdomain")
+    try:
+        canonical.dns_subdomain(name)
+    except canonical.Invalid as exc:
+        raise ObjectError(f"Node {truncate(name)}: metadata.name: {exc}") from None
     return Node(
         name=name,
-        addresses=tuple(
-            (str(a.get("type")), str(a.get("address"))) for a in status.get("addresses") or [] if a.get("address")
-        ),
+        addresses=_node_addresses(name, status.get("addresses") or []),
         labels=_str_map(meta.get("labels")),
         taints=tuple(str(t.get("key")) for t in spec.get("taints") or []),
         deleting=bool(meta.get("deletionTimestamp")),
     )
+
+
+def _node_addresses(name: str, entries: Iterable[Mapping[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """status.addresses, each canonical. kube-apiserver checks them only for duplicates, so a
+    kubelet can write anything there: one bad address refuses the whole Node (it is never
+    rendered, and every other Node is served)."""
+    addresses = []
+    for i, entry in enumerate(entries):
+        if not entry.get("address"):
+            continue
+        kind = str(entry.get("type"))
+        try:
+            addresses.append((kind, canonical.node_address(kind, entry.get("address"))))
+        except canonical.Invalid as exc:
+            raise ObjectError(f"Node {name!r}: status.addresses[{i}].address ({truncate(kind)}): {exc}") from None
+    return tuple(addresses)
 
 
 def is_handled(service: Service, load_balancer_class: str | None) -> bool:

@@ -12,6 +12,7 @@ so a reader never sees a half-applied ruleset and no other table is ever touched
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from collections.abc import Mapping, Sequence
 
@@ -49,8 +50,22 @@ def _match(forward: UdpForward) -> str:
     return f"{ip} daddr {forward.vip} udp dport {forward.port}"
 
 
+NFT_COMMENT_MAX = 128  # nft refuses a longer rule comment, and with it the whole ruleset
+
+
+def comment_text(service: str, port: int) -> str:
+    """`namespace/name port/UDP`, at most 128 characters: a Service's names may take 63 + 63, so a
+    longer one keeps its start and ends in a hash of the whole key (still unique per Service)."""
+    suffix = f" {port}/UDP"
+    if len(service) + len(suffix) <= NFT_COMMENT_MAX:
+        return service + suffix
+    digest = hashlib.sha256(service.encode()).hexdigest()[:12]
+    keep = NFT_COMMENT_MAX - len(suffix) - len(digest) - 1
+    return f"{service[:keep]}~{digest}{suffix}"
+
+
 def _comment(forward: UdpForward) -> str:
-    return f'comment "{forward.service} {forward.port}/UDP"'
+    return f'comment "{comment_text(forward.service, forward.port)}"'
 
 
 def dnat_rule(forward: UdpForward, servers: Sequence[Server]) -> str:

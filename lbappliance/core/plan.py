@@ -1,18 +1,20 @@
 """Planner: `(snapshot, allocation) -> DesiredState`, pure.
 
-Everything user-supplied that reaches a rendered config is validated here: names are
-Kubernetes-validated DNS labels, addresses go through `ipaddress`, and annotation values
-are matched against closed sets. Anything the appliance cannot serve becomes a Problem
-for that Service; the rest of the cluster is unaffected.
+Everything user-supplied that reaches a rendered config goes through `canonical` first: names
+are DNS labels (checked in `kube`), addresses, CIDRs and port numbers are canonicalised here or
+in IPAM, and annotation values are matched against closed sets. Anything the appliance cannot
+serve becomes a Problem for that Service; the rest of the cluster is unaffected.
 """
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from . import canonical
+from .canonical import truncate
 from .config import ApplianceConfig
 from .ipam import allocate
 from .kube import node_is_eligible
@@ -42,6 +44,7 @@ from .models import (
 PROXY_PROTOCOLS = {"v1": "send-proxy", "v2": "send-proxy-v2"}
 # TCP through HAProxy; UDP through nftables DNAT (HAProxy community edition cannot proxy UDP).
 SERVABLE_PROTOCOLS = {"TCP", "UDP"}
+PROTOCOL_WORD = re.compile(r"[A-Z]{1,8}")  # shown as is in a message; anything else is quoted, truncated
 
 
 @dataclass(frozen=True)
@@ -61,32 +64,40 @@ def node_address(node: Node, family: Family, preference: Sequence[str]) -> str |
         if kind not in preference:
             continue
         try:
-            address = ipaddress.ip_address(text)
-        except ValueError:
-            continue
+            address = canonical.address(text)
+        except canonical.Invalid:
+            continue  # a host name (node_from_object refuses a Node whose IP addresses are bad)
         same_family = 0 if family_of(address) == family else 1
         candidates.append((same_family, list(preference).index(kind), str(address)))
     return min(candidates)[2] if candidates else None
 
 
 def _source_ranges(service: Service) -> tuple[tuple[str, ...], str | None]:
-    ranges = []
+    ranges = set()
     for i, text in enumerate(service.source_ranges):
         try:
-            ranges.append(ipaddress.ip_network(text.strip(), strict=False))
-        except ValueError:
-            return (), f"spec.loadBalancerSourceRanges[{i}]: {text!r} is not a CIDR"
-    ranges.sort(key=lambda n: (n.version, int(n.network_address), n.prefixlen))
-    return tuple(str(n) for n in ranges), None
+            # Surrounding spaces are the API's leniency (it trims them); inside, nothing but a CIDR.
+            ranges.add(canonical.network(text.strip(" ") if isinstance(text, str) else text))
+        except canonical.Invalid as exc:
+            return (), f"spec.loadBalancerSourceRanges[{i}]: {exc}"
+    ordered = sorted(ranges, key=lambda n: (n.version, int(n.network_address), n.prefixlen))
+    return tuple(str(n) for n in ordered), None
 
 
 def _servable_ports(service: Service) -> tuple[list[ServicePort], list[str]]:
     ports, problems = [], []
     for port in sorted(service.ports, key=lambda p: (p.port, p.protocol)):
-        label = f"port {port.port}/{port.protocol}"
+        protocol = port.protocol if PROTOCOL_WORD.fullmatch(str(port.protocol)) else truncate(port.protocol)
+        label = f"port {truncate(port.port)}/{protocol}"
         if port.protocol not in SERVABLE_PROTOCOLS:
-            problems.append(f"{label}: {port.protocol} is not supported (HAProxy proxies TCP, nftables "
+            problems.append(f"{label}: {protocol} is not supported (HAProxy proxies TCP, nftables "
                             "forwards UDP); this port is not served")
+        elif _bad_number(canonical.port, port.port):
+            problems.append(f"{label}: spec.ports[].port: {_bad_number(canonical.port, port.port)}; "
+                            "this port is not served")
+        elif port.node_port is not None and _bad_number(canonical.node_port, port.node_port):
+            problems.append(f"{label}: spec.ports[].nodePort: {_bad_number(canonical.node_port, port.node_port)}; "
+                            "this port is not served")
         elif port.node_port is None:
             why = ("allocateLoadBalancerNodePorts is false"
                    if not service.allocate_node_ports else "the apiserver has not assigned one yet")
@@ -95,6 +106,15 @@ def _servable_ports(service: Service) -> tuple[list[ServicePort], list[str]]:
         else:
             ports.append(port)
     return ports, problems
+
+
+def _bad_number(check: Callable[[object], int], value: object) -> str | None:
+    """Why `check` refuses `value`, or None."""
+    try:
+        check(value)
+    except canonical.Invalid as exc:
+        return str(exc)
+    return None
 
 
 def _proxy_name(service: Service, port: ServicePort, family: Family) -> str:
@@ -122,7 +142,7 @@ def vrrp_pin(service: Service, instances: int) -> tuple[int | None, str | None]:
     if text is None:
         return None, None
     if not (text.isascii() and text.isdigit() and len(text) <= 3) or int(text) >= instances:
-        return None, (f"annotation {ANN_VRRP_INSTANCE}: {text!r} is not an instance index "
+        return None, (f"annotation {ANN_VRRP_INSTANCE}: {truncate(text)} is not an instance index "
                       f"0..{instances - 1}")
     return int(text), None
 
@@ -141,7 +161,7 @@ def plan_service(
 
     proxy = service.annotations.get(ANN_PROXY)
     if proxy is not None and proxy not in PROXY_PROTOCOLS:
-        problem(f"annotation {ANN_PROXY}: {proxy!r} is not one of {sorted(PROXY_PROTOCOLS)}")
+        problem(f"annotation {ANN_PROXY}: {truncate(proxy)} is not one of {sorted(PROXY_PROTOCOLS)}")
         return refused()
     pin, pin_error = vrrp_pin(service, instances)
     if pin_error:
@@ -151,16 +171,24 @@ def plan_service(
     if range_error:
         problem(range_error)
         return refused()
-    if service.external_traffic_policy == "Local" and not service.health_check_node_port:
+    local = service.external_traffic_policy == "Local"
+    if local and not service.health_check_node_port:
         problem("externalTrafficPolicy Local without spec.healthCheckNodePort; cannot tell which nodes "
                 "have endpoints")
+        return refused()
+    if local and (why := _bad_number(canonical.node_port, service.health_check_node_port)):
+        problem(f"spec.healthCheckNodePort: {why}")
+        return refused()
+    client_ip = service.session_affinity == "ClientIP"
+    if client_ip and (why := _bad_number(canonical.affinity_timeout, service.affinity_timeout)):
+        problem(f"spec.sessionAffinityConfig.clientIP.timeoutSeconds: {why}")
         return refused()
     ports, port_problems = _servable_ports(service)
     for message in port_problems:
         problem(message)
     check_port = (service.health_check_node_port if service.external_traffic_policy == "Local"
                   else KUBE_PROXY_HEALTH_PORT) or 0
-    affinity = service.affinity_timeout if service.session_affinity == "ClientIP" else None
+    affinity = service.affinity_timeout if client_ip else None
     frontends: list[Frontend] = []
     forwards: list[UdpForward] = []
     for vip in vips:

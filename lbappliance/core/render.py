@@ -13,6 +13,10 @@ from .config import ApplianceConfig, HealthCheckConfig
 from .health import health_monitors, is_monitor, monitor_name
 from .models import Backend, DesiredState, Server
 
+# HAProxy reads at most 64 words a line (`acl allowed_sources src` takes 3) and, in older
+# versions, 2048 characters: 40 CIDRs of at most 43 characters each stay well inside both.
+ACL_RANGES_PER_LINE = 40
+
 
 @dataclass(frozen=True)
 class RenderedConfigs:
@@ -99,6 +103,7 @@ def render_haproxy(state: DesiredState, config: ApplianceConfig) -> str:
         paths=config.paths,
         haproxy=config.haproxy,
         health=config.health_check,
+        acl_ranges_per_line=ACL_RANGES_PER_LINE,
     )
 
 

@@ -95,7 +95,8 @@ def test_wrong_api_version_and_kind() -> None:
 def test_malformed_yaml_names_the_line() -> None:
     with pytest.raises(ConfigError) as info:
         load_pools("pools: [\n", "p.yaml")
-    assert str(info.value).startswith("p.yaml: not valid YAML: line")
+    assert str(info.value).startswith("p.yaml: ") and "not valid YAML" in str(info.value)
+    assert "line 2" in str(info.value)
 
 
 def test_selector_expression_without_values_is_rejected() -> None:
