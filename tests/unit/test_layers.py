@@ -1,4 +1,4 @@
-"""The pure core imports nothing that does I/O; the layering in DESIGN.md is enforced, not hoped for."""
+"""The pure core imports nothing that does I/O; the layering in docs/design.md is enforced, not hoped for."""
 
 from __future__ import annotations
 
@@ -37,3 +37,12 @@ def test_core_does_not_import_edges_or_daemon() -> None:
         text = path.read_text()
         assert "from ..edges" not in text and "from lbappliance.edges" not in text, path.name
         assert "daemon" not in imported_modules(path), path.name
+
+
+def test_edges_never_import_the_daemon_or_the_cli() -> None:
+    """Arrows run one way: cli -> daemon -> edges -> core."""
+    edges = CORE.parent / "edges"
+    for path in edges.glob("*.py"):
+        text = path.read_text()
+        for upper in ("daemon", "cli", "testing"):
+            assert f"from ..{upper}" not in text and f"from lbappliance.{upper}" not in text, (path.name, upper)
