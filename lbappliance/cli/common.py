@@ -9,8 +9,9 @@ from typing import Any, NoReturn
 
 import click
 
+from ..core import yamlsafe
 from ..core.config import ApplianceConfig, ConfigError, parse_config
-from ..edges.files import read_text
+from ..edges.files import read_bytes
 
 DEFAULT_CONFIG = "/etc/lbappliance/config.yaml"
 EXIT_CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus uses it
@@ -18,7 +19,8 @@ EXIT_CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus uses it
 
 def config_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
-        "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+        # readable=False: an unreadable config.yaml is load_config's to refuse, with exit 78 (not click's 2).
+        "--config", "config_path", type=click.Path(dir_okay=False, readable=False, path_type=Path),
         default=lambda: os.environ.get("LBAPPLIANCE_CONFIG", DEFAULT_CONFIG), show_default=DEFAULT_CONFIG,
         help="Appliance config.yaml (defaults apply when the file does not exist).",
     )(func)
@@ -31,17 +33,35 @@ def pools_option(func: Callable[..., Any]) -> Callable[..., Any]:
     )(func)
 
 
+def read_input(path: Path, limits: yamlsafe.YamlLimits = yamlsafe.CONFIG_LIMITS, code: int = 1) -> str:
+    """A regular file's UTF-8 text within `limits.max_bytes`, or a one-line error and exit `code`
+    (a directory, FIFO, unreadable or oversized file, or a byte that is not UTF-8)."""
+    try:
+        return yamlsafe.decode(read_bytes(path, limits.max_bytes), str(path), limits)
+    except OSError as exc:
+        fail(f"{path}: cannot read: {exc.strerror or exc}", code)
+    except yamlsafe.YamlInputError as exc:
+        fail(str(exc), code)
+
+
+def exists(path: Path, code: int = 1) -> bool:
+    """Path.exists() that turns a permission error on the way into a clean exit."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        fail(f"{path}: cannot read: {exc.strerror or exc}", code)
+
+
 def load_config(path: Path, required: bool = False) -> ApplianceConfig:
-    if not path.exists():
+    if not exists(path, EXIT_CONFIG):
         if required:
             fail(f"{path}: file not found")
         return parse_config("", str(path))
+    text = read_input(path, yamlsafe.CONFIG_LIMITS, EXIT_CONFIG)
     try:
-        return parse_config(read_text(path), str(path))
+        return parse_config(text, str(path))
     except ConfigError as exc:
         fail(str(exc), EXIT_CONFIG)
-    except OSError as exc:
-        fail(f"{path}: {exc.strerror}", EXIT_CONFIG)
 
 
 def pools_path_for(config: ApplianceConfig, given: Path | None) -> Path:

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
+from ..core import yamlsafe
 from ..core.config import ApplianceConfig, ConfigError, load_pools
 from ..core.kube import items_of, parse_objects
-from ..core.models import Node, Pool, Service
+from ..core.models import Pool
 from ..core.plan import Snapshot, desired_state
 from ..core.render import render as render_configs
-from ..edges.files import atomic_write, read_text
+from ..edges.files import atomic_write, read_bytes
 from ..edges.validate import check_haproxy, check_keepalived
-from .common import config_option, fail, load_config, pools_option, pools_path_for
+from .common import config_option, exists, fail, load_config, pools_option, pools_path_for, read_input
 from .lab import lab
 from .output import emit, output_option, table
 from .pool import pool
@@ -37,26 +38,52 @@ cli.add_command(lab)
 
 
 def _load_pools(config: ApplianceConfig, path: Path) -> tuple[Pool, ...]:
-    if not path.exists():
+    if not exists(path):
         fail(f"{path}: file not found (create one with `lbappliance pool add`)")
+    text = read_input(path)
     try:
-        return load_pools(read_text(path), str(path), config.own_addresses())
+        return load_pools(text, str(path), config.own_addresses())
     except ConfigError as exc:
         fail(str(exc))
 
 
-def _load_objects(path: Path | None, kind: str) -> list[Any]:
+# What reading one object may raise beyond ObjectError: a field of the wrong type or shape.
+_OBJECT_FAULTS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
+
+
+def _load_objects(path: Path | None, kind: str) -> tuple[list[Any], list[str]]:
+    """Objects of `kind` from `kubectl get -o yaml` output, and one line per object skipped.
+
+    Like the daemon: an object that cannot be read is reported and left out, the rest is used.
+    A file that is not bounded YAML at all (not UTF-8, a bomb, too deep) is an error.
+    """
     if path is None:
-        return []
+        return [], []
+    text = read_input(path, yamlsafe.OBJECT_LIMITS)
     try:
-        documents = list(yaml.safe_load_all(read_text(path)))
-    except (OSError, yaml.YAMLError) as exc:
-        fail(f"{path}: cannot read: {exc}")
-    objects = [o for doc in documents for o in items_of(doc)]
-    parsed, errors = parse_objects(objects, kind)
-    if errors:
-        fail(f"{path}: " + f"\n{path}: ".join(errors))
-    return parsed
+        documents = yamlsafe.load_all(text, str(path), yamlsafe.OBJECT_LIMITS)
+    except yamlsafe.YamlInputError as exc:
+        fail(str(exc))
+    parsed: list[Any] = []
+    skipped: list[str] = []
+    for index, obj in enumerate(o for doc in documents for o in items_of(doc)):
+        meta = obj.get("metadata")
+        if meta is not None and not isinstance(meta, Mapping):
+            skipped.append(f"{path}: object {index}: metadata must be a mapping, got {type(meta).__name__}")
+            continue
+        try:
+            one, errors = parse_objects([obj], kind)
+        except _OBJECT_FAULTS as exc:
+            skipped.append(f"{path}: object {index}: cannot read: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        parsed.extend(one)
+        skipped.extend(f"{path}: {e}" for e in errors)
+    return parsed, skipped
+
+
+def _report_skipped(skipped: list[str]) -> None:
+    for line in skipped:
+        click.echo(f"skipped: {line}", err=True)
 
 
 def _problems_text(problems: Any) -> str:
@@ -69,26 +96,34 @@ def _problems_text(problems: Any) -> str:
 @click.option("--nodes", "nodes_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               required=True, help="`kubectl get nodes -o yaml` output.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--strict", is_flag=True, help="Exit 2 when any Service has a problem.")
+@click.option("--strict", is_flag=True, help="Exit 2 when any Service has a problem or any object was skipped.")
 @config_option
 @pools_option
 def render(services_path: Path, nodes_path: Path, out_dir: Path, strict: bool, config_path: Path,
            pools_path: Path | None) -> None:
-    """Render haproxy.cfg and keepalived.conf offline from saved cluster objects."""
+    """Render haproxy.cfg and keepalived.conf offline from saved cluster objects.
+
+    An object that cannot be read is reported (`skipped: ...`) and left out, as the daemon does.
+    """
     config = load_config(config_path)
     pools = _load_pools(config, pools_path_for(config, pools_path))
-    services: list[Service] = _load_objects(services_path, "Service")
-    nodes: list[Node] = _load_objects(nodes_path, "Node")
+    services, skipped_services = _load_objects(services_path, "Service")
+    nodes, skipped_nodes = _load_objects(nodes_path, "Node")
+    skipped = skipped_services + skipped_nodes
     _, state = desired_state(Snapshot(tuple(services), tuple(nodes), pools, config))
     rendered = render_configs(state, config)
-    atomic_write(out_dir / "haproxy.cfg", rendered.haproxy)
-    atomic_write(out_dir / "keepalived.conf", rendered.keepalived)
+    _report_skipped(skipped)
+    try:
+        atomic_write(out_dir / "haproxy.cfg", rendered.haproxy)
+        atomic_write(out_dir / "keepalived.conf", rendered.keepalived)
+    except OSError as exc:
+        fail(f"{out_dir}: cannot write: {exc.strerror or exc}")
     for key, vips in sorted(state.served.items()):
         click.echo(f"{key}: {', '.join(vips)}")
     if state.problems:
         click.echo(_problems_text(state.problems), err=True)
     click.echo(f"wrote {out_dir / 'haproxy.cfg'} and {out_dir / 'keepalived.conf'}")
-    if strict and state.problems:
+    if strict and (state.problems or skipped):
         raise SystemExit(2)
 
 
@@ -105,11 +140,12 @@ def check(config_path: Path, pools_path: Path | None, services_path: Path | None
     pools = _load_pools(config, path)
     click.echo(f"{config_path if config_path.exists() else 'config (defaults)'}: ok")
     click.echo(f"{path}: ok ({len(pools)} pools)")
-    services: list[Service] = _load_objects(services_path, "Service")
-    nodes: list[Node] = _load_objects(nodes_path, "Node")
+    services, skipped_services = _load_objects(services_path, "Service")
+    nodes, skipped_nodes = _load_objects(nodes_path, "Node")
+    _report_skipped(skipped_services + skipped_nodes)
     _, state = desired_state(Snapshot(tuple(services), tuple(nodes), pools, config))
     rendered = render_configs(state, config)
-    failed = False
+    failed = bool(skipped_services or skipped_nodes)
     with tempfile.TemporaryDirectory(prefix="lbappliance-check-") as tmp:
         for name, text, checker, binary in (
             ("haproxy.cfg", rendered.haproxy, check_haproxy, config.paths.haproxy_binary),
@@ -153,21 +189,45 @@ def status(config_path: Path, fmt: str) -> None:
     config = load_config(config_path)
     path = Path(config.paths.state_dir) / "status.json"
     try:
-        document = json.loads(read_text(path))
-    except (OSError, ValueError) as exc:
-        fail(f"{path}: no status yet ({exc}); is `lbappliance run` running?")
+        raw = read_bytes(path, STATUS_MAX_BYTES)
+    except OSError as exc:
+        fail(f"{path}: no status yet ({exc.strerror or exc}); is `lbappliance run` running?")
+    try:
+        document = json.loads(raw)
+    except ValueError as exc:  # not UTF-8 or not JSON
+        fail(f"{path}: not a status document: {str(exc)[:200]}")
+    except RecursionError:
+        fail(f"{path}: not a status document (nested too deeply)")
     if fmt != "table":
         emit(document, fmt)
         return
-    vrrp = ", ".join(f"{k}={v}" for k, v in sorted(document.get("vrrp", {}).items())) or "unknown"
-    click.echo(f"appliance {document['identity']}  leader: {'yes' if document['leader'] else 'no'}  vrrp: {vrrp}")
+    try:
+        lines = _status_lines(document)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        fail(f"{path}: not a status document this version can show ({type(exc).__name__}: {str(exc)[:200]}); "
+             "`-o json` prints it as it is")
+    click.echo("\n".join(lines))
+
+
+STATUS_MAX_BYTES = 64 << 20
+
+
+def _status_lines(document: Any) -> list[str]:
+    """The table view of status.json; KeyError/TypeError/... when the document has another shape."""
+    if not isinstance(document, dict):
+        raise TypeError(f"expected an object, got {type(document).__name__}")
+    vrrp = ", ".join(f"{k}={v}" for k, v in sorted(dict(document.get("vrrp") or {}).items())) or "unknown"
+    lines = [f"appliance {document['identity']}  leader: {'yes' if document['leader'] else 'no'}  vrrp: {vrrp}"]
     rows = [{"service": s["service"], "vips": s["vips"], "ports": s["ports"],
-             "this box": [("holds" if st == "MASTER" else st.lower()) for st in s.get("owner", {}).values()],
-             "backends": [f"{t} {h}" for t, h in sorted(s["backends"].items())]} for s in document["services"]]
-    click.echo(table(rows, ("service", "vips", "ports", "this box", "backends")))
-    for problem in document.get("problems", []):
-        click.echo(f"problem: {problem['service']}: {problem['reason']}: {problem['message']}")
+             "this box": [("holds" if st == "MASTER" else str(st).lower())
+                          for st in dict(s.get("owner") or {}).values()],
+             "backends": [f"{t} {h}" for t, h in sorted(dict(s["backends"]).items())]}
+            for s in list(document["services"])]
+    lines.append(table(rows, ("service", "vips", "ports", "this box", "backends")))
+    for problem in list(document.get("problems") or []):
+        lines.append(f"problem: {problem['service']}: {problem['reason']}: {problem['message']}")
     last = document.get("lastApply") or {}
     if last.get("kind") in ("rejected", "failed"):
-        click.echo(f"data plane: the last change was {last['kind']}; the services above are the config still "
-                   f"serving: {last.get('message', '')}")
+        lines.append(f"data plane: the last change was {last['kind']}; the services above are the config still "
+                     f"serving: {last.get('message', '')}")
+    return lines

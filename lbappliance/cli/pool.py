@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+import io
+import re
+from collections.abc import Callable, MutableSequence
 from pathlib import Path
 from typing import Any
 
 import click
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from ..core.config import (
     API_VERSION,
@@ -16,25 +20,54 @@ from ..core.config import (
     PoolSpec,
     ServiceAllocationSpec,
     build_pools,
-    dump_pool_file,
     parse_pool_file,
     pool_file_from_data,
 )
-from ..edges.files import atomic_write, locked, read_text
-from .common import config_option, fail, load_config, pools_option, pools_path_for
+from ..edges.files import LockTimeoutError, locked, remove_stale_temp_files, replace_file
+from .common import config_option, exists, fail, load_config, pools_option, pools_path_for, read_input
 from .output import emit, output_option
 
 COLUMNS = ("name", "addresses", "autoAssign", "avoidBuggyIPs", "priority", "namespaces", "size")
+# A pool name, matched whole: `re.match(...$)` would also take a trailing newline.
+POOL_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def _read(path: Path) -> tuple[str, PoolFile]:
-    if not path.exists():
+    if not exists(path):
         return "", pool_file_from_data(_document([]))
-    text = read_text(path)
+    text = read_input(path)
     try:
         return text, parse_pool_file(text, str(path))
     except ConfigError as exc:
         fail(f"cannot edit an invalid file:\n{exc}")
+
+
+def _round_trip() -> YAML:
+    """ruamel.yaml in round-trip mode, laid out like the files PyYAML used to write."""
+    rt = YAML(typ="rt")
+    rt.preserve_quotes = True
+    rt.indent(mapping=2, sequence=2, offset=0)
+    rt.width = 4096
+    return rt
+
+
+def _load_document(text: str) -> CommentedMap:
+    """The file as a comment-keeping tree (`text` already passed the bounded, validating read)."""
+    document = _round_trip().load(text) if text.strip() else None
+    if document is None:
+        document = CommentedMap(_document([]))
+    if document.get("pools") is None:
+        document["pools"] = CommentedSeq()
+    pools = document["pools"]
+    if isinstance(pools, CommentedSeq) and not pools:
+        pools.fa.set_block_style()  # `pools: []` grows as a block list, not one long flow line
+    return document
+
+
+def _dump_document(document: CommentedMap) -> str:
+    out = io.StringIO()
+    _round_trip().dump(document, out)
+    return out.getvalue()
 
 
 def _document(pools: list[dict[str, Any]]) -> dict[str, Any]:
@@ -89,33 +122,44 @@ def show_pool(name: str, config_path: Path, pools_path: Path | None, fmt: str) -
 
 
 def _edit(config_path: Path, pools_path: Path | None, dry_run: bool,
-          change: Callable[[list[dict[str, Any]]], None]) -> None:
-    """Read, change, validate as a whole, then write atomically under a lock (or show the diff)."""
+          change: Callable[[MutableSequence[Any]], None]) -> None:
+    """Read, change, validate as a whole, then write atomically under a lock (or show the diff).
+
+    The edit goes into the file as it is: comments, order and quoting stay (ruamel.yaml round
+    trip), a symlinked pools.yaml keeps its link (the target is rewritten) and the file keeps its
+    mode, owner and group. Temp files of killed edits are removed under the lock.
+    """
     config = load_config(config_path)
     path = pools_path_for(config, pools_path)
-    with locked(path):
-        old_text, spec = _read(path)
-        pools = [p.model_dump(by_alias=True, mode="json", exclude_none=True) for p in spec.pools]
-        change(pools)
-        try:
-            new_spec = pool_file_from_data(_document(pools), str(path))
-            build_pools(new_spec, str(path), config.own_addresses())
-        except ConfigError as exc:
-            fail(f"refused, {path} is unchanged:\n{exc}")
-        new_text = dump_pool_file(new_spec)
-        if dry_run:
-            diff = difflib.unified_diff(old_text.splitlines(True), new_text.splitlines(True),
-                                        f"{path} (current)", f"{path} (after edit)")
-            click.echo("".join(diff).rstrip() or "no change")
-            return
-        atomic_write(path, new_text)
+    try:
+        with locked(path):
+            old_text, _ = _read(path)
+            document = _load_document(old_text)
+            change(document["pools"])
+            new_text = _dump_document(document)
+            try:
+                build_pools(parse_pool_file(new_text, str(path)), str(path), config.own_addresses())
+            except ConfigError as exc:
+                fail(f"refused, {path} is unchanged:\n{exc}")
+            if dry_run:
+                diff = difflib.unified_diff(old_text.splitlines(True), new_text.splitlines(True),
+                                            f"{path} (current)", f"{path} (after edit)")
+                click.echo("".join(diff).rstrip() or "no change")
+                return
+            for leftover in remove_stale_temp_files(path):
+                click.echo(f"removed {leftover}, left by an interrupted edit", err=True)
+            replace_file(path, new_text)
+    except LockTimeoutError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{path}: cannot edit: {exc.strerror or exc}")
     click.echo(f"{path}: updated")
 
 
-def _find(pools: list[dict[str, Any]], name: str) -> dict[str, Any]:
-    for p in pools:
-        if p["name"] == name:
-            return p
+def _index(pools: MutableSequence[Any], name: str) -> int:
+    for i, p in enumerate(pools):
+        if p.get("name") == name:
+            return i
     fail(f"no pool named {name!r}")
 
 
@@ -137,13 +181,21 @@ def add_pool(name: str, addresses: tuple[str, ...], auto_assign: bool, avoid_bug
              priority: int | None, namespaces: tuple[str, ...], config_path: Path,
              pools_path: Path | None, dry_run: bool) -> None:
     """Add a pool."""
-    def change(pools: list[dict[str, Any]]) -> None:
-        if any(p["name"] == name for p in pools):
+    if not POOL_NAME.fullmatch(name):
+        fail(f"pool name must be a DNS label (lowercase letters, digits, '-'; at most 63), got {name!r}")
+
+    def change(pools: MutableSequence[Any]) -> None:
+        if any(p.get("name") == name for p in pools):
             fail(f"a pool named {name!r} already exists; use `pool set`")
         entry: dict[str, Any] = {"name": name, "addresses": list(addresses), "autoAssign": auto_assign,
                                  "avoidBuggyIPs": avoid_buggy_ips}
-        if priority is not None or namespaces:
-            entry["serviceAllocation"] = {"priority": priority, "namespaces": list(namespaces)}
+        alloc: dict[str, Any] = {}
+        if priority is not None:
+            alloc["priority"] = priority
+        if namespaces:
+            alloc["namespaces"] = list(namespaces)
+        if alloc:
+            entry["serviceAllocation"] = alloc
         pools.append(entry)
 
     _edit(config_path, pools_path, dry_run, change)
@@ -156,8 +208,8 @@ def add_pool(name: str, addresses: tuple[str, ...], auto_assign: bool, avoid_bug
 @dry_run_option
 def remove_pool(name: str, config_path: Path, pools_path: Path | None, dry_run: bool) -> None:
     """Remove a pool. A running daemon refuses the edit while the pool holds live addresses."""
-    def change(pools: list[dict[str, Any]]) -> None:
-        pools.remove(_find(pools, name))
+    def change(pools: MutableSequence[Any]) -> None:
+        del pools[_index(pools, name)]  # del, not remove(): ruamel moves the comments along
 
     _edit(config_path, pools_path, dry_run, change)
 
@@ -177,8 +229,8 @@ def set_pool(name: str, add_address: tuple[str, ...], remove_address: tuple[str,
              auto_assign: bool | None, avoid_buggy_ips: bool | None, priority: int | None,
              namespaces: tuple[str, ...], config_path: Path, pools_path: Path | None, dry_run: bool) -> None:
     """Change a pool's fields."""
-    def change(pools: list[dict[str, Any]]) -> None:
-        entry = _find(pools, name)
+    def change(pools: MutableSequence[Any]) -> None:
+        entry = pools[_index(pools, name)]
         for text in remove_address:
             if text not in entry["addresses"]:
                 fail(f"pool {name!r} has no address entry {text!r} (has {entry['addresses']})")
@@ -189,7 +241,9 @@ def set_pool(name: str, add_address: tuple[str, ...], remove_address: tuple[str,
         if avoid_buggy_ips is not None:
             entry["avoidBuggyIPs"] = avoid_buggy_ips
         if priority is not None or namespaces:
-            alloc = entry.setdefault("serviceAllocation", {})
+            if entry.get("serviceAllocation") is None:
+                entry["serviceAllocation"] = {}
+            alloc = entry["serviceAllocation"]
             if priority is not None:
                 alloc["priority"] = priority
             if namespaces:

@@ -14,16 +14,16 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from . import canonical, yamlsafe
+from .canonical import truncate
 from .models import AddressRange, IPAddress, LabelRequirement, LabelSelector, Pool
 
 API_VERSION = "lbappliance.io/v1alpha1"
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-IFACE_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
-ABS_PATH = re.compile(r"^/[A-Za-z0-9_./@+-]*$")
-LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+# Used with fullmatch only: `re.match(r"...$")` accepts a trailing newline.
+LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,7 @@ class _Strict(BaseModel):
 
 
 def _absolute_path(value: str) -> str:
-    if not ABS_PATH.match(value):
-        raise ValueError(f"must be an absolute path of [A-Za-z0-9_./@+-], got {value!r}")
-    return value
+    return canonical.absolute_path(value)
 
 
 AbsPath = Annotated[str, Field(min_length=1)]
@@ -111,19 +109,20 @@ class VrrpSettings(_Strict):
     @field_validator("interface")
     @classmethod
     def _iface(cls, v: str) -> str:
-        if not IFACE_NAME.match(v):
-            raise ValueError(f"not a valid interface name: {v!r}")
-        return v
+        try:
+            return canonical.interface(v)
+        except canonical.Invalid as exc:
+            raise ValueError(f"not a valid interface name: {exc}") from None
 
     @field_validator("anchor_address", "anchor_address6", "unicast_src_ip", "unicast_src_ip6")
     @classmethod
-    def _src(cls, v: str | None) -> str | None:
-        return None if v is None else str(_ip(v))
+    def _src(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return None if v is None else _vrrp_address(v, info.field_name or "")
 
     @field_validator("unicast_peers", "unicast_peers6")
     @classmethod
-    def _peers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(str(_ip(p)) for p in v)
+    def _peers(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        return tuple(_vrrp_address(p, info.field_name or "") for p in v)
 
     @model_validator(mode="after")
     def _instances(self) -> VrrpSettings:
@@ -133,6 +132,15 @@ class VrrpSettings(_Strict):
         for family, first in (("ipv4", self.router_ids.ipv4), ("ipv6", self.router_ids.ipv6)):
             if first + self.instances - 1 > 255:
                 raise ValueError(f"routerIds.{family} {first} + {self.instances} instances exceeds 255")
+        # keepalived refuses a unicast source with no peer to send to.
+        pairs = ((self.unicast_src_ip, self.unicast_peers, "unicastSrcIp", "unicastPeers"),
+                 (self.unicast_src_ip6, self.unicast_peers6, "unicastSrcIp6", "unicastPeers6"))
+        for src, peers, src_name, peers_name in pairs:
+            if src and not peers:
+                raise ValueError(f"{src_name} without {peers_name}: keepalived needs a unicast peer to send to")
+        for configured, name in ((self.anchor_address, "anchorAddress"), (self.anchor_address6, "anchorAddress6")):
+            if configured:
+                _check_anchors(canonical.address(configured), self.instances, name)
         return self
 
     def router_id(self, family: str, index: int = 0) -> int:
@@ -149,6 +157,14 @@ class VrrpSettings(_Strict):
     def instance_name(self, family: str, index: int = 0) -> str:
         base = f"VI_{'v4' if family == 'IPv4' else 'v6'}"
         return base if index == 0 else f"{base}_{index}"
+
+    def anchors(self) -> tuple[IPAddress, ...]:
+        """Every configured anchor (instance i advertises anchor + i); the defaults are link-local."""
+        found: list[IPAddress] = []
+        for configured in (self.anchor_address, self.anchor_address6):
+            if configured:
+                found += [canonical.address(configured) + i for i in range(self.instances)]
+        return tuple(found)
 
     def anchor(self, family: str, index: int = 0) -> str:
         """Instance `index`'s advertised address: configured anchor + index, else link-local by router id."""
@@ -174,8 +190,8 @@ class HealthCheckConfig(_Strict):
 
 class HaproxySettings(_Strict):
     hard_stop_after: str = Field(default="30s", alias="hardStopAfter", pattern=r"^[0-9]+(ms|s|m|h)$")
-    max_reloads: int = Field(default=50, alias="maxReloads", ge=1)
-    maxconn: int = Field(default=100000, ge=1)
+    max_reloads: int = Field(default=50, alias="maxReloads", ge=1, le=10000)
+    maxconn: int = Field(default=100000, ge=1, le=100_000_000)
     timeout_connect: str = Field(default="5s", alias="timeoutConnect", pattern=r"^[0-9]+(ms|s|m|h)$")
     timeout_client: str = Field(default="1h", alias="timeoutClient", pattern=r"^[0-9]+(ms|s|m|h)$")
     timeout_server: str = Field(default="1h", alias="timeoutServer", pattern=r"^[0-9]+(ms|s|m|h)$")
@@ -184,7 +200,12 @@ class HaproxySettings(_Strict):
     @field_validator("stats_address")
     @classmethod
     def _stats(cls, v: str | None) -> str | None:
-        return None if v is None else _host_port(v)
+        return None if v is None else canonical.host_port(v)
+
+    @field_validator("hard_stop_after", "timeout_connect", "timeout_client", "timeout_server")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        return canonical.duration(v)
 
 
 class PathSettings(_Strict):
@@ -247,20 +268,19 @@ class ApplianceConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not DNS_LABEL.match(v):
-            raise ValueError(f"must be a DNS label (lowercase letters, digits, '-'), got {v!r}")
-        return v
+        return canonical.dns_label(v)
 
     @field_validator("metrics_address")
     @classmethod
     def _metrics(cls, v: str) -> str:
-        return _host_port(v)
+        return canonical.host_port(v)
 
     def own_addresses(self) -> tuple[IPAddress, ...]:
-        """The appliance's and its peers' addresses: never to be handed out as VIPs."""
+        """The appliance's and its peers' addresses and the configured VRRP anchors: never to be
+        handed out as VIPs."""
         v = self.vrrp
         raw = [v.unicast_src_ip, v.unicast_src_ip6, *v.unicast_peers, *v.unicast_peers6]
-        return tuple(ipaddress.ip_address(a) for a in raw if a)
+        return tuple(canonical.address(a) for a in raw if a) + v.anchors()
 
 
 class LabelRequirementSpec(_Strict):
@@ -283,8 +303,10 @@ class ServiceAllocationSpec(_Strict):
     @classmethod
     def _namespaces(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for ns in v:
-            if not DNS_LABEL.match(ns):
-                raise ValueError(f"not a valid namespace name: {ns!r}")
+            try:
+                canonical.dns_label(ns)
+            except canonical.Invalid as exc:
+                raise ValueError(f"not a valid namespace name: {exc}") from None
         return v
 
 
@@ -298,9 +320,10 @@ class PoolSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not DNS_LABEL.match(v):
-            raise ValueError(f"pool name must be a DNS label (lowercase letters, digits, '-'), got {v!r}")
-        return v
+        try:
+            return canonical.dns_label(v)
+        except canonical.Invalid as exc:
+            raise ValueError(f"pool name must be a DNS label: {exc}") from None
 
 
 class PoolFile(_Strict):
@@ -309,36 +332,55 @@ class PoolFile(_Strict):
     pools: tuple[PoolSpec, ...] = ()
 
 
-def _ip(text: str) -> IPAddress:
-    try:
-        return ipaddress.ip_address(text.strip())
-    except ValueError:
-        raise ValueError(f"not an IP address: {text!r}") from None
+_FAMILY_OF_FIELD = {"unicast_src_ip": 4, "unicast_peers": 4, "anchor_address": 4,
+                    "unicast_src_ip6": 6, "unicast_peers6": 6, "anchor_address6": 6}
 
 
-def _host_port(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"must be ADDRESS:PORT, got {text!r}")
-    _ip(host.strip("[]"))
-    return text
+def _vrrp_address(text: str, field: str) -> str:
+    """A VRRP address of the family its field is for: keepalived refuses mixed families."""
+    address = canonical.address(text)
+    want = _FAMILY_OF_FIELD.get(field)
+    if want is not None and address.version != want:
+        raise ValueError(f"{address} is not an IPv{want} address: keepalived refuses mixed families "
+                         "(IPv4 in unicastSrcIp/unicastPeers/anchorAddress, IPv6 in the *6 fields)")
+    return str(address)
+
+
+def _check_anchors(first: IPAddress, instances: int, name: str) -> None:
+    """Instance i advertises `name` + i: each must exist and be a unicast address of its family."""
+    top = (1 << first.max_prefixlen) - 1
+    if int(first) + instances - 1 > top:
+        raise ValueError(f"{name} {first} + {instances} instances runs past the last IPv{first.version} address; "
+                         "choose a lower anchor")
+    last = first + (instances - 1)
+    if first.is_multicast or last.is_multicast or first.is_unspecified or first.is_loopback or \
+            (first.version == 4 and int(last) == top):
+        raise ValueError(f"{name} {first}..{last}: anchors must be unicast addresses")
+
+
+def _range_address(text: str) -> IPAddress:
+    """One end of a range; spaces around the '-' are MetalLB's syntax, anything else is refused."""
+    return canonical.address(text.strip(" "))
 
 
 def parse_range(text: str) -> AddressRange:
     """A CIDR (`192.0.2.0/28`) or an inclusive range (`192.0.2.10-192.0.2.20`)."""
-    text = text.strip()
+    if not isinstance(text, str):
+        raise ValueError(f"{truncate(text)} is not an address range")
+    text = text.strip(" ")
     if "-" in text:
         first_text, _, last_text = text.partition("-")
-        first, last = _ip(first_text), _ip(last_text)
+        first, last = _range_address(first_text), _range_address(last_text)
         if first.version != last.version:
-            raise ValueError(f"range {text!r} mixes IPv4 and IPv6")
+            raise ValueError(f"range {truncate(text)} mixes IPv4 and IPv6")
         if last < first:
-            raise ValueError(f"range {text!r} is reversed: {last} comes before {first}")
+            raise ValueError(f"range {truncate(text)} is reversed: {last} comes before {first}")
         return AddressRange(first, last)
     try:
-        network = ipaddress.ip_network(text, strict=True)
-    except ValueError as exc:
-        raise ValueError(f"invalid CIDR {text!r}: {exc}") from None
+        network = canonical.network(text, strict=True)
+    except canonical.Invalid as exc:
+        why = str(exc).removeprefix(f"{truncate(text)} is not a CIDR: ")
+        raise ValueError(f"invalid CIDR {truncate(text)}: {why}") from None
     return AddressRange(network.network_address, network.broadcast_address)
 
 
@@ -373,19 +415,18 @@ def _pydantic_errors(file: str, data: Any, exc: ValidationError) -> list[FieldEr
         else:
             found, value = _value_at(data, loc)
             if found and err["type"] != "value_error":
-                msg = f"{msg} (got {value!r})"
-        errors.append(FieldError(file, _format_loc(loc), msg))
+                msg = f"{msg} (got {truncate(value)})"
+        errors.append(FieldError(file, _format_loc(loc), canonical.bounded(msg)))
     return errors
 
 
-def _load_yaml(file: str, text: str) -> Any:
+def _load_yaml(file: str, text: str | bytes) -> Any:
+    """Bounded (size, depth, aliases, UTF-8): see yamlsafe."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([FieldError(file, "", f"not valid YAML: {where}{problem}")]) from None
+        return yamlsafe.load(text, file, yamlsafe.CONFIG_LIMITS)
+    except yamlsafe.YamlInputError as exc:
+        where = f"line {exc.line}, column {exc.column}: " if exc.line is not None else ""
+        raise ConfigError([FieldError(file, "", f"{where}{exc.problem}")]) from None
 
 
 def _as_json(data: Any) -> str:
@@ -421,10 +462,11 @@ def pool_file_from_data(data: Any, file: str = "pools.yaml") -> PoolFile:
 def _selector(spec: SelectorSpec, path: str, file: str) -> tuple[LabelSelector, list[FieldError]]:
     errors = []
     for key, value in spec.match_labels.items():
-        if not LABEL_KEY.match(key):
-            errors.append(FieldError(file, f"{path}.matchLabels", f"invalid label key {key!r}"))
-        if not LABEL_VALUE.match(value):
-            errors.append(FieldError(file, f"{path}.matchLabels.{key}", f"invalid label value {value!r}"))
+        if not LABEL_KEY.fullmatch(key):
+            errors.append(FieldError(file, f"{path}.matchLabels", f"invalid label key {truncate(key)}"))
+        if not LABEL_VALUE.fullmatch(value):
+            errors.append(FieldError(file, f"{path}.matchLabels.{truncate(key)}",
+                                     f"invalid label value {truncate(value)}"))
     requirements = []
     for i, expr in enumerate(spec.match_expressions):
         needs_values = expr.operator in ("In", "NotIn")
@@ -443,6 +485,7 @@ def build_pools(
     errors: list[FieldError] = []
     pools: list[Pool] = []
     seen_names: dict[str, int] = {}
+    located: list[_Located] = []  # every range with the indexes it was written at
     reserved = tuple(reserved)
     for i, pool_spec in enumerate(spec.pools):
         base = f"pools[{i}]"
@@ -459,13 +502,17 @@ def build_pools(
             except ValueError as exc:
                 errors.append(FieldError(file, f"{base}.addresses[{j}]", str(exc)))
                 continue
+            never = canonical.never_a_vip(rng.first, rng.last)
+            if never:
+                errors.append(FieldError(file, f"{base}.addresses[{j}]", f"{text!r} {never}: never a Service VIP"))
             for address in reserved:
                 if address in rng:
                     errors.append(FieldError(
                         file, f"{base}.addresses[{j}]",
-                        f"{text!r} contains {address}, an address of this appliance or its peer",
+                        f"{text!r} contains {address}, an address of this appliance or its peer, or a VRRP anchor",
                     ))
             ranges.append(rng)
+            located.append((rng.first.version, int(rng.first), int(rng.last), i, j, pool_spec.name))
         alloc = pool_spec.service_allocation or ServiceAllocationSpec()
         selectors = []
         for k, sel in enumerate(alloc.service_selectors):
@@ -481,23 +528,21 @@ def build_pools(
             namespaces=tuple(sorted(alloc.namespaces)),
             service_selectors=tuple(selectors),
         ))
-    errors.extend(_overlaps(pools, spec, file))
+    errors.extend(_overlaps(located, spec, file))
     if errors:
         raise ConfigError(errors)
     return tuple(pools)
 
 
-def _overlaps(pools: list[Pool], spec: PoolFile, file: str) -> list[FieldError]:
-    located = []
-    for i, pool in enumerate(pools):
-        texts = [t for t in spec.pools[i].addresses]
-        for rng in pool.ranges:
-            j = next((n for n, t in enumerate(texts) if _safe_range(t) == rng), 0)
-            located.append((rng.first.version, int(rng.first), int(rng.last), i, j, pool.name))
-    located.sort()
+_Located = tuple[int, int, int, int, int, str]  # version, first, last, pool index, address index, pool name
+
+
+def _overlaps(located: list[_Located], spec: PoolFile, file: str) -> list[FieldError]:
+    """Each range overlapping an earlier one (by start address), named by where each was written:
+    a range listed twice in one pool names both of its indexes."""
     errors = []
-    widest: tuple[int, int, int, int, int, str] | None = None  # the earlier range reaching furthest
-    for cur in located:
+    widest: _Located | None = None  # the earlier range reaching furthest
+    for cur in sorted(located):
         prev = widest
         if prev is None or prev[0] != cur[0] or cur[2] > prev[2]:
             widest = cur
@@ -509,13 +554,6 @@ def _overlaps(pools: list[Pool], spec: PoolFile, file: str) -> list[FieldError]:
                 f"(pool {prev[5]!r})",
             ))
     return errors
-
-
-def _safe_range(text: str) -> AddressRange | None:
-    try:
-        return parse_range(text)
-    except ValueError:
-        return None
 
 
 def load_pools(text: str, file: str = "pools.yaml", reserved: Iterable[IPAddress] = ()) -> tuple[Pool, ...]:

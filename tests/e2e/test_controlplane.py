@@ -246,29 +246,28 @@ def test_appliance_identity_is_least_privilege(
             "source": {"component": "lbappliance"},
         },
     )
-    # kubernetes-client parses eventTime into a datetime and re-serialises it with
-    # isoformat(), which drops the fraction when microsecond == 0; the apiserver then
-    # rejects the MicroTime with 400. Keep the fraction non-zero.
-    now = datetime.datetime.now(datetime.UTC)
-    now = now.replace(microsecond=now.microsecond or 1)
-    events_v1.create_namespaced_event(
-        namespace,
-        {
-            "apiVersion": "events.k8s.io/v1",
-            "kind": "Event",
-            "metadata": {"generateName": "rbac-"},
-            "eventTime": now,
-            "regarding": involved,
-            "reason": "IPAllocated",
-            "note": "Assigned IP 192.0.2.20",
-            "type": "Normal",
-            "action": "Allocate",
-            "reportingController": "lbappliance.io/controller",
-            "reportingInstance": "lbappliance-a",
-        },
+    # The events.k8s.io API is not granted: the daemon writes core/v1 Events only (issue 14, item 15).
+    expect_status(
+        403,
+        lambda: events_v1.create_namespaced_event(
+            namespace,
+            {
+                "apiVersion": "events.k8s.io/v1",
+                "kind": "Event",
+                "metadata": {"generateName": "rbac-"},
+                "eventTime": datetime.datetime.now(datetime.UTC).replace(microsecond=1),
+                "regarding": involved,
+                "reason": "IPAllocated",
+                "note": "Assigned IP 192.0.2.20",
+                "type": "Normal",
+                "action": "Allocate",
+                "reportingController": "lbappliance.io/controller",
+                "reportingInstance": "lbappliance-a",
+            },
+        ),
     )
 
-    # the leader lease: create, get, update, patch
+    # the leader lease: create, get, update (read + replace, as LeaderElector does; no patch)
     lease_body = {
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
@@ -284,11 +283,18 @@ def test_appliance_identity_is_least_privilege(
     lease.spec.holder_identity = "lbappliance-b"
     lease = coord.replace_namespaced_lease(LEASE_NAME, LEASE_NS, lease)
     assert lease.spec.holder_identity == "lbappliance-b"
-    coord.patch_namespaced_lease(
-        LEASE_NAME, LEASE_NS, {"spec": {"holderIdentity": "lbappliance-a"}}, _content_type=MERGE
+    expect_status(
+        403,
+        lambda: coord.patch_namespaced_lease(
+            LEASE_NAME, LEASE_NS, {"spec": {"holderIdentity": "lbappliance-a"}}, _content_type=MERGE
+        ),
     )
 
-    # ... and nothing more
+    # ... and nothing more: no verbs the code never uses
+    expect_status(403, lambda: core.read_namespaced_service("rbac", namespace))
+    expect_status(403, lambda: core.read_namespaced_service_status("rbac", namespace))
+    expect_status(403, lambda: core.replace_namespaced_service("rbac", namespace, out))
+    expect_status(403, lambda: core.read_node("any"))
     expect_status(403, lambda: core.list_namespaced_secret(namespace))
     expect_status(403, lambda: core.list_secret_for_all_namespaces())
     expect_status(403, lambda: core.read_namespaced_secret("anything", namespace))

@@ -112,11 +112,15 @@ def test_render_strict_fails_on_problems(tmp_path: Path) -> None:
     assert result.exit_code == 2
 
 
-def test_render_rejects_unreadable_objects(tmp_path: Path) -> None:
+def test_render_skips_unreadable_objects_like_the_daemon(tmp_path: Path) -> None:
+    """One unreadable Service is reported and left out; the others are rendered (issue 14 item 11)."""
     services = tmp_path / "svc.yaml"
-    services.write_text("kind: Service\nmetadata: {name: BAD_NAME, namespace: default}\nspec: {type: LoadBalancer}\n")
+    services.write_text("kind: Service\nmetadata: {name: BAD_NAME, namespace: default}\nspec: {type: LoadBalancer}\n"
+                        "---\n" + (EXAMPLES / "services.yaml").read_text())
     result = CliRunner().invoke(cli, ["render", "--services", str(services), "--nodes", str(EXAMPLES / "nodes.yaml"),
                                       "--config", str(EXAMPLES / "config.yaml"), "--pools",
                                       str(EXAMPLES / "pools.yaml"), "--out", str(tmp_path / "out")])
-    assert result.exit_code == 1 and "Service default/BAD_NAME: metadata.name/namespace must be DNS labels" in result.output
-    assert not (tmp_path / "out").exists()
+    assert result.exit_code == 0, result.output
+    assert "skipped: " in result.output
+    assert "Service default/BAD_NAME: metadata.name/namespace must be DNS labels" in result.output
+    assert "default/web: 192.0.2.200" in result.output and (tmp_path / "out" / "haproxy.cfg").exists()
