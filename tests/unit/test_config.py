@@ -109,7 +109,7 @@ def test_config_errors_name_every_bad_field() -> None:
     msg = config_error("vrrp:\n  priority: 300\n  unicastPeers: [192.0.2.3, not-an-ip]\n  bogus: 1\n"
                        "metricsAddress: nowhere\n")
     assert "/etc/lbappliance/config.yaml: vrrp.priority: Input should be less than or equal to 254 (got 300)" in msg
-    assert "vrrp.unicastPeers: not an IP address: 'not-an-ip'" in msg
+    assert "vrrp.unicastPeers: 'not-an-ip' is not an IP address" in msg
     assert "vrrp.bogus: unknown field" in msg
     assert "metricsAddress: must be ADDRESS:PORT, got 'nowhere'" in msg
 
