@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from . import canonical
@@ -170,9 +171,32 @@ def items_of(document: Any) -> list[Mapping[str, Any]]:
 
 def parse_objects(
     objects: Iterable[Mapping[str, Any]], kind: str
-) -> tuple[list[Service] | list[Node], list[str]]:
+) -> tuple[list[Service] | list[Node], list[Unreadable]]:
     """Parse every object of `kind`, collecting an error per unreadable one instead of stopping."""
     return ParsedObjects(kind).parse(objects)
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """An object the appliance cannot read: which one, and why (its `str` is the why, naming the
+    field). Enough to record an Event on it."""
+
+    kind: str
+    namespace: str
+    name: str
+    uid: str
+    resource_version: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def unreadable(obj: Mapping[str, Any], kind: str, message: str) -> Unreadable:
+    meta = obj.get("metadata")
+    meta = meta if isinstance(meta, Mapping) else {}
+    return Unreadable(kind, str(meta.get("namespace") or "")[:253], str(meta.get("name") or "")[:253],
+                      str(meta.get("uid") or "")[:64], str(meta.get("resourceVersion") or "")[:64], message)
 
 
 class ParsedObjects:
@@ -185,12 +209,12 @@ class ParsedObjects:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._convert = service_from_object if kind == "Service" else node_from_object
-        self._last: dict[tuple[str, str], Service | Node | str] = {}
+        self._last: dict[tuple[str, str], Service | Node | Unreadable] = {}
 
-    def parse(self, objects: Iterable[Mapping[str, Any]]) -> tuple[list[Any], list[str]]:
+    def parse(self, objects: Iterable[Mapping[str, Any]]) -> tuple[list[Any], list[Unreadable]]:
         parsed: list[Any] = []
-        errors: list[str] = []
-        seen: dict[tuple[str, str], Service | Node | str] = {}
+        errors: list[Unreadable] = []
+        seen: dict[tuple[str, str], Service | Node | Unreadable] = {}
         for obj in objects:
             if obj.get("kind", self.kind) != self.kind:
                 continue
@@ -202,15 +226,18 @@ class ParsedObjects:
                 result = self._read(obj)
             if key:
                 seen[key] = result
-            (errors if isinstance(result, str) else parsed).append(result)
+            if isinstance(result, Unreadable):
+                errors.append(result)
+            else:
+                parsed.append(result)
         self._last = seen
         return parsed, errors
 
-    def _read(self, obj: Mapping[str, Any]) -> Service | Node | str:
+    def _read(self, obj: Mapping[str, Any]) -> Service | Node | Unreadable:
         try:
             return self._convert(obj)
         except (ObjectError, AttributeError, TypeError) as exc:
-            return str(exc)
+            return unreadable(obj, self.kind, str(exc))
 
 
 # ---- the leader's writes, decided purely (the publisher only sends what these return) ----------

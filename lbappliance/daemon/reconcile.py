@@ -17,11 +17,13 @@ from typing import Protocol
 
 from ..core.config import ApplianceConfig
 from ..core.ipam import allocate
-from ..core.models import Allocation, DesiredState, Node, Pool, Problem, Service
+from ..core.kube import Unreadable
+from ..core.models import Allocation, DesiredState, Node, Pool, Problem, Reason, Service
 from ..core.perf import gc_paused
 from ..core.plan import Snapshot, plan
 from ..core.report import REJECTED_KINDS, PassVerdict, describe_apply, recorded_state
 from ..edges.cluster import Parsed
+from ..edges.events import PendingEvent
 from ..edges.metrics import Metrics
 from .pacing import ApplyPacer
 from .publish import LeaderWrites
@@ -53,7 +55,7 @@ class Reconciler:
     last_good: DesiredState | None = None
     refusals: tuple[Problem, ...] = ()  # Services HAProxy refused at the last apply
     served_once: bool = False  # the first apply succeeded (systemd READY=1)
-    _unreadable: frozenset[str] = frozenset()
+    _unreadable: frozenset[Unreadable] = frozenset()
 
     def run_pass(self, config: ApplianceConfig, pools: tuple[Pool, ...], leader: bool) -> PassVerdict:
         start = time.perf_counter()
@@ -68,19 +70,30 @@ class Reconciler:
             self.metrics.reconciles.inc()
             self.metrics.reconcile_seconds.observe(time.perf_counter() - start)
 
-    def _read(self) -> tuple[tuple[Service, ...], tuple[Node, ...]]:
+    def _read(self, leader: bool) -> tuple[tuple[Service, ...], tuple[Node, ...]]:
+        """The readable objects. One that is not is ignored — it never stops the others — and
+        reported once per version: a log line and, from the leader, an Event on it naming the field."""
         services, nodes = self.cluster.services(), self.cluster.nodes()
         errors = frozenset((*services.errors, *nodes.errors))
-        for error in sorted(errors - self._unreadable):  # once per object and version, not every pass
-            log.warning("ignoring unreadable object: %s", error)
+        for error in sorted(errors - self._unreadable, key=str):
+            log.warning("ignoring unreadable %s: %s", error.kind, error)
+            if leader:
+                self.writes.events.submit(PendingEvent(error, Reason.INVALID, f"Ignored by lbappliance: {error}",
+                                                       True))
         self._unreadable = errors
         return services.items, nodes.items
+
+    def _unreadable_problems(self) -> tuple[Problem, ...]:
+        def key(e: Unreadable) -> str:
+            return f"{e.namespace}/{e.name}" if e.kind == "Service" else f"{e.kind.lower()}/{e.name}"
+
+        return tuple(sorted(Problem(key(e), Reason.INVALID, e.message) for e in self._unreadable))
 
     def _pass(self, config: ApplianceConfig, pools: tuple[Pool, ...], leader: bool) -> PassVerdict:
         if not leader and not self.pacer.due():
             self.pacer.defer()  # a follower's pass is all apply: while applies are paced, it waits
             return PassVerdict(leader)
-        services, nodes = self._read()
+        services, nodes = self._read(leader)
         allocation = allocate(pools, list(services), config.cluster.load_balancer_class)
         snapshot = Snapshot(services, nodes, pools, config)
         proposed = plan(snapshot, allocation)
@@ -118,7 +131,9 @@ class Reconciler:
                 released = self.writes.release(served.state, snapshot.services,
                                                snapshot.config.cluster.load_balancer_class)
             self.served_once = True
-        record(self.metrics, self.data_plane, state=recorded_state(result.kind, served.state, self.last_good),
+        recorded = recorded_state(result.kind, served.state, self.last_good)
+        recorded = replace(recorded, problems=(*recorded.problems, *self._unreadable_problems()))
+        record(self.metrics, self.data_plane, state=recorded,
                allocation=allocation, pools=pools, identity=self.identity, leader=leader,
                apply_kind=result.kind, apply_message=result.message,
                status_path=Path(snapshot.config.paths.state_dir) / "status.json")

@@ -29,6 +29,7 @@ from ..core.kube import (
     ObjectError,
     ParsedObjects,
     Patch,
+    Unreadable,
     finalizer_patch,
     ingress_patch,
     publish_patch,
@@ -402,15 +403,18 @@ class Publisher:
         self.status_takes_finalizers = False
         return self.set_finalizer(after, present=True)
 
-    def event(self, service: Service, reason: Reason, message: str, warning: bool = False) -> None:
-        """Best effort: a failed Event is logged and never breaks the loop."""
+    def event(self, about: Service | Unreadable, reason: Reason, message: str, warning: bool = False) -> None:
+        """Best effort: a failed Event is logged and never breaks the loop. `about` is a Service, or
+        an object we could not read (a Node's Event goes to the default namespace, as kubelet's do)."""
         # A wire-format dict, not client models: the same fields, without building models for
         # the request and deserializing the answer (which nobody reads) into more of them.
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        involved = {"kind": "Service", "apiVersion": "v1", "name": service.name, "namespace": service.namespace,
-                    "uid": service.uid or None, "resourceVersion": service.resource_version or None}
+        kind = about.kind if isinstance(about, Unreadable) else "Service"
+        namespace = about.namespace or "default"
+        involved = {"kind": kind, "apiVersion": "v1", "name": about.name, "namespace": about.namespace or None,
+                    "uid": about.uid or None, "resourceVersion": about.resource_version or None}
         body = {
-            "metadata": {"generateName": f"{service.name}.", "namespace": service.namespace},
+            "metadata": {"generateName": f"{about.name}.", "namespace": namespace},
             "involvedObject": {k: v for k, v in involved.items() if v is not None},
             "reason": reason.value, "message": message[:1024], "type": "Warning" if warning else "Normal",
             "source": {"component": COMPONENT, "host": self.identity},
@@ -418,12 +422,12 @@ class Publisher:
             "reportingComponent": COMPONENT, "reportingInstance": self.identity,
         }
         try:
-            resp = self._send("POST", f"/api/v1/namespaces/{quote(service.namespace)}/events", body,
-                              "application/json", 5)
+            resp = self._send("POST", f"/api/v1/namespaces/{quote(namespace)}/events", body, "application/json", 5)
             resp.drain_conn()  # read the answer to its end so the connection goes back to the pool
             resp.release_conn()
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-            log.info("Service %s: event %s not recorded: %s", service.key, reason.value, getattr(exc, "reason", exc))
+            log.info("%s %s/%s: event %s not recorded: %s", kind, namespace, about.name, reason.value,
+                     getattr(exc, "reason", exc))
 
 
 @dataclass(frozen=True)
@@ -431,7 +435,7 @@ class Parsed:
     """What a cache holds, as the core reads it: the readable objects and one line per unreadable one."""
 
     items: tuple[Any, ...]
-    errors: tuple[str, ...]
+    errors: tuple[Unreadable, ...]
 
 
 class Cluster:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Generic, NamedTuple, TypeVar
 
+from ..core.kube import Unreadable
 from ..core.models import Reason, Service
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,9 @@ Item = TypeVar("Item")
 
 
 class PendingEvent(NamedTuple):
-    """One Event to record on a Service."""
+    """One Event to record on a Service (or on an object we could not read)."""
 
-    service: Service
+    service: Service | Unreadable
     reason: Reason
     message: str
     warning: bool = False

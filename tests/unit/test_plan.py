@@ -109,7 +109,8 @@ def test_wire_format_objects_parse_and_bad_ones_are_named() -> None:
         "default/web", 30080, ("192.0.2.200",), 60)
     bad = {"kind": "Service", "metadata": {"name": "x", "namespace": "default"}, "spec": {"ports": [{"port": 0}]}}
     parsed, errors = parse_objects([obj, bad], "Service")
-    assert len(parsed) == 1 and errors == ["Service default/x: spec.ports[0].port must be 1-65535, got 0"]
+    assert len(parsed) == 1 and [str(e) for e in errors] == ["Service default/x: spec.ports[0].port must be 1-65535, got 0"]
+    assert (errors[0].kind, errors[0].namespace, errors[0].name) == ("Service", "default", "x")  # for its Event
 
 
 def _svc(name: str, version: str, port: int = 80) -> dict[str, object]:
@@ -127,7 +128,7 @@ def test_parsed_objects_reread_only_what_changed() -> None:
     bad = _svc("c", "1", port=0)
     for _ in range(2):
         parsed, errors = cache.parse([_svc("a", "1"), bad])
-        assert [s.name for s in parsed] == ["a"] and errors == [
+        assert [s.name for s in parsed] == ["a"] and [str(e) for e in errors] == [
             "Service default/c: spec.ports[0].port must be 1-65535, got 0"]
     # Objects without a uid/resourceVersion (hand-written files) are simply read each time.
     plain = {"metadata": {"name": "d", "namespace": "default"}, "spec": {"ports": [{"port": 53}]}}
