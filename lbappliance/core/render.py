@@ -80,17 +80,69 @@ def _server_lines_renderer() -> Callable[[Backend], str]:
     return server_lines
 
 
+#: Who keepalived runs the scripts as in external mode: the daemon's user (the units' User=),
+#: which is also HAProxy's, so `kill -0` reaches the HAProxy master and the notify hook writes
+#: into the state dir that user owns. keepalived itself stays root; its scripts never are.
+EXTERNAL_SCRIPT_USER = "lbappliance"
+
+#: VRRP states keepalived passes to a notify hook.
+VRRP_STATES = ("MASTER", "BACKUP", "FAULT", "STOP", "DELETED")
+
+
+def script_user(config: ApplianceConfig) -> str:
+    """The identity of keepalived's check and notify scripts: the one that runs the daemon, never more.
+
+    External (the shipped units): `lbappliance`, an unprivileged user. Managed (lab, tests): the
+    daemon starts keepalived itself and is root there, so root gains nothing from its own scripts.
+    """
+    return EXTERNAL_SCRIPT_USER if config.process_mode == "external" else "root"
+
+
 def check_script(config: ApplianceConfig) -> str:
     """VRRP gives up VIPs when this box's HAProxy master is gone."""
-    pidfile = shlex.quote(config.paths.haproxy_pidfile)
-    return f"/bin/sh -c 'kill -0 $(cat {pidfile})'"
+    return check_command(config.paths.haproxy_pidfile)
+
+
+def check_command(pidfile: str) -> str:
+    """A pidfile that does not hold one positive number fails the check (`kill -0 -1` would succeed
+    on any process of the user)."""
+    return f"/bin/sh -c 'read pid < {shlex.quote(pidfile)} && [ $pid -gt 0 ] && kill -0 $pid'"
+
+
+# The notify hook, as Python so it can use O_NOFOLLOW/O_EXCL and *at() calls: it opens the state
+# dir without following a link and refuses it unless this user owns it and nobody else can write
+# it (so nobody else can plant links in it), removes a stale temp file, creates the temp file
+# with O_CREAT|O_EXCL|O_NOFOLLOW (a link planted in between makes it refuse, never follow) and
+# renames it over the state file (a rename replaces a planted link; it never writes through it).
+# Every failure is one line on keepalived's log. keepalived unescapes \" inside its own quotes.
+_NOTIFY_PY = ";".join((
+    "import os,sys",
+    'sys.excepthook=lambda t,v,b:print("lbappliance vrrp notify: refused:",v,file=sys.stderr)',
+    "d,k,i,s=sys.argv[1:5]",
+    f'k=="INSTANCE" and s in {VRRP_STATES!r} and i.replace("-","_").isidentifier() '
+    'or sys.exit("lbappliance vrrp notify: refused arguments %r" % sys.argv[2:])',
+    "f=os.open(d,os.O_RDONLY|os.O_DIRECTORY|os.O_NOFOLLOW|os.O_CLOEXEC)",
+    "m=os.fstat(f)",
+    'm.st_uid==os.geteuid() and not m.st_mode&0o22 '
+    'or sys.exit("lbappliance vrrp notify: refused: "+d+" is not a directory only this user can write")',
+    't="vrrp-"+i+".state.tmp"',
+    "t in os.listdir(f) and os.unlink(t,dir_fd=f)",
+    "w=os.open(t,os.O_WRONLY|os.O_CREAT|os.O_EXCL|os.O_NOFOLLOW|os.O_CLOEXEC,0o644,dir_fd=f)",
+    "os.write(w,(s+chr(10)).encode())",
+    "os.close(w)",
+    'os.rename(t,"vrrp-"+i+".state",src_dir_fd=f,dst_dir_fd=f)',
+)).replace("'", '"')
 
 
 def notify_script(config: ApplianceConfig) -> str:
-    """Record each instance's VRRP state in a file the daemon and `status` read."""
-    state_dir = config.paths.state_dir
-    return (f"/bin/sh -c 'echo $3 > {state_dir}/vrrp-$2.state.tmp && "
-            f"mv {state_dir}/vrrp-$2.state.tmp {state_dir}/vrrp-$2.state' notify")
+    """Record each instance's VRRP state in `<stateDir>/vrrp-<instance>.state`, which the daemon
+    and `status` read; run as `script_user`, who owns the state dir (see _NOTIFY_PY)."""
+    return notify_command(config.paths.state_dir)
+
+
+def notify_command(state_dir: str) -> str:
+    code = _NOTIFY_PY.replace('"', '\\"')
+    return f"/usr/bin/python3 -I -S -c '{code}' {shlex.quote(state_dir)}"
 
 
 def render_haproxy(state: DesiredState, config: ApplianceConfig) -> str:
@@ -112,6 +164,7 @@ def render_keepalived(state: DesiredState, config: ApplianceConfig) -> str:
         name=config.name,
         vrrp=config.vrrp,
         instances=state.vrrp,
+        script_user=script_user(config),
         check_script=check_script(config),
         notify_script=notify_script(config),
     )

@@ -32,6 +32,7 @@ from lbappliance.core.config import PathSettings
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
 VENV_ENTRY = "/opt/lbappliance/venv/bin/lbappliance"
+VENV_PYTHON = "/opt/lbappliance/venv/bin/python3"  # keepalived.service's admission check runs it
 DEBIAN_UNITS = Path("/lib/systemd/system")
 OWN_UNITS = ("lbappliance.service", "lbappliance-keepalived-reload.path", "lbappliance-keepalived-reload.service")
 DROP_INS = {"haproxy.service": "haproxy.service.d/lbappliance.conf",
@@ -85,7 +86,8 @@ def _in_namespace_with_venv_path(command: list[str], units: Path) -> subprocess.
         pytest.skip("unshare (util-linux) is needed to provide /opt/lbappliance/venv in a private namespace")
     entry = _entry_point()
     script = (f"mount -t tmpfs lbappliance-verify /opt && mkdir -p {shlex.quote(str(Path(VENV_ENTRY).parent))} && "
-              f"ln -s {shlex.quote(entry)} {shlex.quote(VENV_ENTRY)} && exec {shlex.join(command)}")
+              f"ln -s {shlex.quote(entry)} {shlex.quote(VENV_ENTRY)} && "
+              f"ln -s {shlex.quote(sys.executable)} {shlex.quote(VENV_PYTHON)} && exec {shlex.join(command)}")
     ns = [unshare, "--mount", "--propagation", "private"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
     result = subprocess.run([*ns, "sh", "-c", script], capture_output=True, text=True, env=env, timeout=120)
     if result.returncode != 0 and ("unshare failed" in result.stderr or "mount:" in result.stderr):
@@ -132,8 +134,13 @@ def test_haproxy_drop_in_exposure(tmp_path: Path) -> None:
     score, level, report = _exposure(analyze, "haproxy.service", units)
     print(f"systemd-analyze security haproxy.service (with drop-in): {score} {level}")
     assert level in GOOD_LEVELS and score <= 2.5, report
-    keepalived, klevel, _ = _exposure(analyze, "keepalived.service", units)
+    keepalived, klevel, kreport = _exposure(analyze, "keepalived.service", units)
     print(f"systemd-analyze security keepalived.service (with drop-in, root by necessity): {keepalived} {klevel}")
+    # Root, but boxed: 8.6 EXPOSED before issue 14 (item 3), 4.8 OK after.
+    assert keepalived <= 5.0, kreport
+    reload, rlevel, rreport = _exposure(analyze, "lbappliance-keepalived-reload.service", units)
+    print(f"systemd-analyze security lbappliance-keepalived-reload.service: {reload} {rlevel}")
+    assert rlevel in GOOD_LEVELS and reload <= 2.0, rreport  # 9.6 UNSAFE before
 
 
 # ---- the contract between the units and the daemon's defaults --------------------------------
@@ -178,16 +185,65 @@ def test_haproxy_drop_in_matches_the_daemon_sockets() -> None:
     assert service["ReadWritePaths"] == defaults.state_dir
 
 
+def _all_values(path: Path, key: str) -> list[str]:
+    """Every `key=` assignment of a unit file in order (systemd repeats Exec* keys), continuations joined."""
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    return [" ".join(line.split("=", 1)[1].split()) for line in text.splitlines() if line.startswith(f"{key}=")]
+
+
+ADMITTED = "/run/lbappliance-keepalived/keepalived.conf"
+
+
 def test_keepalived_drop_in_matches_the_daemon_pidfiles() -> None:
-    service = _ini(UNITS / DROP_INS["keepalived.service"])["Service"]
+    drop_in = UNITS / DROP_INS["keepalived.service"]
+    service = _ini(drop_in)["Service"]
     defaults = PathSettings()
     argv = service["ExecStart"].split()
     assert f"--pid={defaults.keepalived_pidfile}" in argv
-    assert f"--use-file={defaults.keepalived_config}" in argv
     trigger = _ini(UNITS / "lbappliance-keepalived-reload.path")["Path"]["PathExists"]
     assert Path(trigger).parent == Path(defaults.state_dir)
     reload_unit = (UNITS / "lbappliance-keepalived-reload.service").read_text()
     assert f"rm -f {trigger}" in reload_unit
+
+
+def test_keepalived_loads_only_roots_admitted_copy_of_the_daemons_config() -> None:
+    """keepalived never reads the daemon-written file: start and reload first run root's admission
+    check, which copies it to a root-only directory; keepalived loads the copy (issue 14, item 3)."""
+    drop_in = UNITS / DROP_INS["keepalived.service"]
+    defaults = PathSettings()
+    admit = f"{VENV_PYTHON} -I -m lbappliance.edges.keepalived admit {defaults.keepalived_config} {ADMITTED}"
+    assert _all_values(drop_in, "ExecStartPre") == [admit]
+    assert _all_values(drop_in, "ExecReload") == ["", admit, "/bin/kill -HUP $MAINPID"]
+    start = [v for v in _all_values(drop_in, "ExecStart") if v]
+    assert len(start) == 1 and f"--use-file={ADMITTED}" in start[0].split()
+    assert defaults.keepalived_config not in start[0]
+    service = _ini(drop_in)["Service"]
+    assert service["RuntimeDirectory"] == Path(ADMITTED).parent.name and service["RuntimeDirectoryMode"] == "0700"
+    assert service["ProtectSystem"] == "strict" and service["ReadWritePaths"] == defaults.state_dir
+    assert "CAP_SYS_ADMIN" not in service["CapabilityBoundingSet"]
+
+
+def test_the_drop_ins_admission_command_admits_the_rendered_config_and_refuses_a_tampered_one(
+        tmp_path: Path) -> None:
+    """The drop-in's own ExecStartPre command line, run with this environment's Python."""
+    from lbappliance.core.config import parse_config
+    from lbappliance.core.plan import Snapshot, desired_state
+    from lbappliance.core.render import render_keepalived
+
+    drop_in = UNITS / DROP_INS["keepalived.service"]
+    command = shlex.split(_all_values(drop_in, "ExecStartPre")[0])
+    config = parse_config("processMode: external\nvrrp: {unicastSrcIp: 192.0.2.2, unicastPeers: [192.0.2.3]}\n")
+    _, state = desired_state(Snapshot((), (), (), config))
+    source, target = tmp_path / "keepalived.conf", tmp_path / "admitted.conf"
+    source.write_text(render_keepalived(state, config))
+    argv = [sys.executable, *command[1:-2], str(source), str(target)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert target.read_bytes() == source.read_bytes() and target.stat().st_mode & 0o777 == 0o600
+    source.write_text(source.read_text().replace("script_user lbappliance", "script_user root"))
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "script_user must be 'lbappliance'" in done.stderr, done.stderr
+    assert "script_user lbappliance" in target.read_text()  # keepalived keeps the last admitted one
 
 
 def test_sysctl_file_sets_nonlocal_bind_and_forwarding() -> None:
