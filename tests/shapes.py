@@ -93,4 +93,9 @@ SHAPES: dict[str, tuple[tuple[Service, ...], tuple[Node, ...]]] = {
     "active-active": (tuple(Service("default", f"web{i}", creation=str(i), ports=(tcp(80, 30100 + i),),
                                     annotations={ANN_VRRP_INSTANCE: "1"} if i == 0 else {})
                             for i in range(6)), NODES),
+    # The limits of the rendered formats (issue 14, item 5): names of 63 + 63 characters (nft's
+    # 128-character comments), 70 source ranges (HAProxy's 64 words a line), the highest port.
+    "limits": ((Service("a" * 63, "b" * 63, creation="1", ports=(udp(65535, 32767), tcp(65535, 32766)),
+                        source_ranges=tuple(f"198.51.100.{i}/32" for i in range(70)),
+                        session_affinity="ClientIP", affinity_timeout=86400),), NODES),
 }
