@@ -61,7 +61,10 @@ def shown(value: Any, limit: int = SHOWN_CHARACTERS) -> str:
 
 def bounded(message: str, limit: int = MESSAGE_LIMIT) -> str:
     """A whole message cut to `limit` characters: the last guard before a log line or an Event."""
-    return message if len(message) <= limit else message[: limit - 15] + f"... ({len(message)} chars)"
+    if len(message) <= limit:
+        return message
+    tail = f"... ({len(message)} characters)"
+    return message[: limit - len(tail)] + tail
 
 
 def _text(value: Any, what: str) -> str:

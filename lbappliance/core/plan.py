@@ -309,10 +309,17 @@ def plan(snapshot: Snapshot, allocation: Allocation) -> DesiredState:
         frontends=tuple(frontends),
         vrrp=vrrp,
         served=served,
-        problems=tuple(sorted(problems)),
+        problems=tuple(sorted(bounded_problems(problems))),
         udp=tuple(forwards),
         vip_instances={vip: inst.name for inst in vrrp for vip in inst.vips},
     )
+
+
+def bounded_problems(problems: Iterable[Problem]) -> list[Problem]:
+    """Every message cut to `canonical.MESSAGE_LIMIT`: it becomes a log line, an Event and a
+    status.json entry, and values in it are user-supplied."""
+    return [p if len(p.message) <= canonical.MESSAGE_LIMIT
+            else Problem(p.service, p.reason, canonical.bounded(p.message)) for p in problems]
 
 
 def desired_state(snapshot: Snapshot) -> tuple[Allocation, DesiredState]:
