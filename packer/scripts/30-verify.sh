@@ -44,8 +44,38 @@ if runuser -u nobody -- touch /run/lbappliance/keepalived.reload 2>/dev/null; th
     echo "nobody could request a keepalived reload" >&2
     exit 1
 fi
+# Root's admission check of the daemon's keepalived.conf (keepalived.service ExecStartPre and
+# ExecReload): a rendered config is admitted, one that runs scripts as root is refused.
+ADMIT_DIR=$(mktemp -d)
+cat > "$ADMIT_DIR/config.yaml" <<'CONF'
+processMode: external
+vrrp: {interface: lo, unicastSrcIp: 192.0.2.2, unicastPeers: [192.0.2.3]}
+CONF
+/opt/lbappliance/venv/bin/python3 - "$ADMIT_DIR" <<'PY'
+import sys
+from pathlib import Path
+from lbappliance.core.config import parse_config
+from lbappliance.core.plan import Snapshot, desired_state
+from lbappliance.core.render import render_keepalived
+d = Path(sys.argv[1])
+config = parse_config((d / "config.yaml").read_text())
+_, state = desired_state(Snapshot((), (), (), config))
+text = render_keepalived(state, config)
+(d / "good.conf").write_text(text)
+(d / "bad.conf").write_text(text.replace("script_user lbappliance", "script_user root"))
+PY
+/opt/lbappliance/venv/bin/python3 -I -m lbappliance.edges.keepalived admit "$ADMIT_DIR/good.conf" "$ADMIT_DIR/admitted.conf"
+if /opt/lbappliance/venv/bin/python3 -I -m lbappliance.edges.keepalived admit "$ADMIT_DIR/bad.conf" "$ADMIT_DIR/admitted.conf"; then
+    echo "root's admission check let script_user root through" >&2
+    exit 1
+fi
+grep -q "script_user lbappliance" "$ADMIT_DIR/admitted.conf"
+rm -rf "$ADMIT_DIR"
+systemctl cat keepalived.service | grep -q "lbappliance.edges.keepalived admit"
 # The units as installed.
 # --man=no: the image carries no man pages (dpkg path-exclude), which verify would look up.
 systemd-analyze verify --man=no lbappliance.service lbappliance-keepalived-reload.path lbappliance-keepalived-reload.service \
     haproxy.service keepalived.service
-systemd-analyze security lbappliance.service | tail -1
+for unit in lbappliance.service haproxy.service keepalived.service lbappliance-keepalived-reload.service; do
+    systemd-analyze security "$unit" | tail -1
+done

@@ -189,6 +189,19 @@ elif [ ! -s /etc/keepalived/keepalived.conf ]; then
 else
     bad "keepalived.service $ks with a rendered keepalived.conf"
 fi
+# keepalived loads root's admitted copy, its scripts run as the daemon's user (issue 14, item 3).
+if [ "$ks" = active ]; then
+    admitted=/run/lbappliance-keepalived/keepalived.conf
+    cmp -s "$admitted" /etc/keepalived/keepalived.conf && ok "keepalived loads root's admitted copy $admitted" \
+        || bad "$admitted differs from the daemon's keepalived.conf (or is missing)"
+    grep -q '^    script_user lbappliance$' "$admitted" && ok "scripts run as lbappliance (script_user)" \
+        || bad "script_user is not lbappliance"
+    end=$((SECONDS + 30))
+    while [ $SECONDS -lt $end ] && ! ls /run/lbappliance/vrrp-*.state >/dev/null 2>&1; do sleep 1; done
+    owners=$(stat -c %U /run/lbappliance/vrrp-*.state 2>/dev/null | sort -u | tr '\n' ' ')
+    [ "$owners" = "lbappliance " ] && ok "VRRP state files written by the notify hook as lbappliance" \
+        || bad "VRRP state files owned by: ${owners:-none}"
+fi
 echo "lbappliance.service: $s/$sub, restarts $restarts, daemon user $du"
 # A config.yaml change (SIGHUP, what ExecReload sends) re-renders keepalived.conf; the
 # unprivileged daemon's request must reach the root keepalived as an in-place reload (same
