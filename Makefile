@@ -9,7 +9,7 @@ setup:
 	bash scripts/setup.sh
 
 test: setup
-	$(VENV)/bin/ruff check lbappliance tests bench
+	$(MAKE) lint
 	$(PY) -m pytest -q
 
 unit:
@@ -17,6 +17,7 @@ unit:
 
 lint:
 	$(VENV)/bin/ruff check lbappliance tests bench
+	$(VENV)/bin/mypy --strict lbappliance/core
 
 golden:
 	$(PY) -m pytest -q tests/unit/test_render_golden.py --update-golden

@@ -20,7 +20,7 @@ from . import canonical, yamlsafe
 from .canonical import truncate
 from .models import AddressRange, IPAddress, LabelRequirement, LabelSelector, Pool
 
-API_VERSION = "lbappliance.io/v1alpha1"
+API_VERSION: Literal["lbappliance.io/v1alpha1"] = "lbappliance.io/v1alpha1"
 # Used with fullmatch only: `re.match(r"...$")` accepts a trailing newline.
 LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
@@ -373,7 +373,7 @@ def parse_range(text: str) -> AddressRange:
         first, last = _range_address(first_text), _range_address(last_text)
         if first.version != last.version:
             raise ValueError(f"range {truncate(text)} mixes IPv4 and IPv6")
-        if last < first:
+        if int(last) < int(first):
             raise ValueError(f"range {truncate(text)} is reversed: {last} comes before {first}")
         return AddressRange(first, last)
     try:
