@@ -86,18 +86,17 @@ def _source_ranges(service: Service) -> tuple[tuple[str, ...], str | None]:
 
 def _servable_ports(service: Service) -> tuple[list[ServicePort], list[str]]:
     ports, problems = [], []
-    for port in sorted(service.ports, key=lambda p: (p.port, p.protocol)):
+    for i, port in sorted(enumerate(service.ports), key=lambda item: (item[1].port, item[1].protocol)):
         protocol = port.protocol if PROTOCOL_WORD.fullmatch(str(port.protocol)) else truncate(port.protocol)
         label = f"port {truncate(port.port)}/{protocol}"
+        bad_port = _bad_number(canonical.port, port.port)
+        bad_node_port = None if port.node_port is None else _bad_number(canonical.node_port, port.node_port)
         if port.protocol not in SERVABLE_PROTOCOLS:
             problems.append(f"{label}: {protocol} is not supported (HAProxy proxies TCP, nftables "
                             "forwards UDP); this port is not served")
-        elif _bad_number(canonical.port, port.port):
-            problems.append(f"{label}: spec.ports[].port: {_bad_number(canonical.port, port.port)}; "
-                            "this port is not served")
-        elif port.node_port is not None and _bad_number(canonical.node_port, port.node_port):
-            problems.append(f"{label}: spec.ports[].nodePort: {_bad_number(canonical.node_port, port.node_port)}; "
-                            "this port is not served")
+        elif bad_port or bad_node_port:
+            field = "port" if bad_port else "nodePort"
+            problems.append(f"{label}: spec.ports[{i}].{field}: {bad_port or bad_node_port}; this port is not served")
         elif port.node_port is None:
             why = ("allocateLoadBalancerNodePorts is false"
                    if not service.allocate_node_ports else "the apiserver has not assigned one yet")

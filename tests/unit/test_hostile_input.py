@@ -285,7 +285,7 @@ def test_a_node_port_out_of_range_is_a_problem_never_rendered(node_port: int) ->
     bad = Service("default", "np", creation="1", ports=(ServicePort("", "TCP", 80, node_port),))
     _, state, text = run(bad)
     assert state.frontends == () and not re.search(rf"\.[0-9]+:{node_port}\s", text)
-    assert any("nodePort" in m and str(node_port) in m for m in problems_of(state, "default/np"))
+    assert any(f"spec.ports[0].nodePort: {node_port} is not a port" in m for m in problems_of(state, "default/np"))
 
 
 def test_a_health_check_node_port_out_of_range_is_a_problem() -> None:
