@@ -390,7 +390,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
+            out += ("." if out else "") + canonical.shown(str(part))  # a key may be the user's
     return out
 
 

@@ -336,6 +336,12 @@ def test_object_errors_truncate_the_value() -> None:
     assert len(str(info.value)) < 1100
 
 
+def test_config_errors_truncate_an_unknown_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"vrrp:\n  ? {MIB[:100_000]}\n  : 1\n")
+    assert len(str(info.value)) < 1100 and "unknown field" in str(info.value)
+
+
 def test_config_errors_truncate_the_value() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(f"vrrp: {{interface: {MIB[:100_000]}}}\n")  # files are bounded to 1 MiB as a whole
