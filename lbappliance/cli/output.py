@@ -38,9 +38,15 @@ def _cell(value: Any) -> str:
 
 def emit(data: Any, fmt: str, rows: Sequence[Mapping[str, Any]] | None = None,
          columns: Sequence[str] = ()) -> None:
-    if fmt == "json":
-        click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
-    elif fmt == "yaml":
-        click.echo(yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip())
-    else:
-        click.echo(table(rows if rows is not None else [data], columns))
+    """Print `data`; a document too deep to serialise (a hostile status.json) is a clean error."""
+    try:
+        if fmt == "json":
+            text = json.dumps(data, indent=2, sort_keys=False, default=str)
+        elif fmt == "yaml":
+            text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip()
+        else:
+            text = table(rows if rows is not None else [data], columns)
+    except (RecursionError, ValueError, TypeError, yaml.YAMLError) as exc:
+        click.echo(f"error: cannot print this document as {fmt}: {type(exc).__name__}: {str(exc)[:200]}", err=True)
+        raise SystemExit(1) from None
+    click.echo(text)

@@ -190,6 +190,13 @@ def test_status_not_json_or_not_utf8(tmp_path: Path) -> None:
         assert_clean_failure(invoke("status", "--config", str(config)), 1, "not a status document")
 
 
+def test_status_too_deep_to_print(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"paths: {{stateDir: {tmp_path}}}\n")
+    (tmp_path / "status.json").write_text("[" * 900 + "]" * 900)  # json.loads takes it; PyYAML's dumper recurses deeper
+    assert_clean_failure(invoke("status", "--config", str(config), "-o", "yaml"), 1, "cannot print this document")
+
+
 def test_lock_timeout_is_a_clear_error(files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     import functools
 
