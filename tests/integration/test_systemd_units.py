@@ -9,7 +9,9 @@ where a tmpfs over /opt carries exactly that path, pointing at this checkout's o
 keepalived.service are verified together with our drop-ins (found through SYSTEMD_UNIT_PATH).
 
 Security target: `systemd-analyze security --offline=true` rates lbappliance.service "OK" or
-better with an exposure of at most 1.5 (systemd 252, Debian 12; measured 1.1).
+better with an exposure of at most 1.5 (systemd 252, Debian 12; measured 1.1); keepalived, root
+but sandboxed, at most 5.0 (4.8; 8.6 before issue 14), the reload oneshot at most 2.0 (1.3; 9.6).
+keepalived.service loads only root's admitted copy of the daemon-written keepalived.conf.
 """
 
 from __future__ import annotations
