@@ -74,7 +74,7 @@ def load_all(data: bytes | str, file: str, limits: YamlLimits = CONFIG_LIMITS) -
     loader = _BoundedLoader(text, file, limits)
     try:
         documents = []
-        while loader.check_data():
+        while loader.check_data():  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
             documents.append(loader.get_data())
         return documents
     except YamlInputError:
@@ -111,12 +111,12 @@ class _BoundedLoader(yaml.SafeLoader):
         return YamlInputError(self._file, problem, mark.line + 1, mark.column + 1)
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
+        event = self.peek_event()  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
         if isinstance(event, yaml.AliasEvent):
             self._aliases += 1
             if self._aliases > self._limits.max_aliases:
                 raise self._refuse(f"more than {self._limits.max_aliases} aliases; refused", event.start_mark)
-            if self._open.get(event.anchor):
+            if event.anchor is not None and self._open.get(event.anchor):
                 raise self._refuse(f"recursive anchor &{event.anchor}: it contains an alias of itself",
                                    event.start_mark)
             return super().compose_node(parent, index)
