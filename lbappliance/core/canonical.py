@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from functools import lru_cache
 from typing import Any
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -87,7 +88,12 @@ def _unusable_characters(text: str) -> str | None:
 def address(value: Any) -> IPAddress:
     """An IPv4 or IPv6 address, canonical enough for the API server: no zone id, no whitespace,
     no IPv4-mapped IPv6 (`::ffff:192.0.2.1` is IPv4 to Go, IPv6 to Python)."""
-    text = _text(value, "an IP address")
+    return _address(_text(value, "an IP address"))
+
+
+@lru_cache(maxsize=1 << 16)
+def _address(text: str) -> IPAddress:
+    """Memoised: every pass reads the same addresses again (refusals are not cached)."""
     if not _ADDRESS_CHARS.fullmatch(text):
         why = _unusable_characters(text) or "only hex digits, ':' and '.' are allowed"
         raise Invalid(f"{truncate(text)} is not an IP address: {why}")
@@ -108,7 +114,11 @@ def address_text(value: Any) -> str:
 def network(value: Any, strict: bool = False) -> IPNetwork:
     """A CIDR (`198.51.100.0/24`; host bits allowed unless `strict`, as Kubernetes allows them in
     loadBalancerSourceRanges), or a bare address taken as a host network."""
-    text = _text(value, "a CIDR")
+    return _network(_text(value, "a CIDR"), strict)
+
+
+@lru_cache(maxsize=1 << 14)
+def _network(text: str, strict: bool) -> IPNetwork:
     if not _NETWORK_CHARS.fullmatch(text):
         why = _unusable_characters(text) or "only hex digits, ':', '.' and '/' are allowed"
         raise Invalid(f"{truncate(text)} is not a CIDR: {why}")
