@@ -218,7 +218,8 @@ class ParsedObjects:
         for obj in objects:
             if obj.get("kind", self.kind) != self.kind:
                 continue
-            meta = obj.get("metadata") or {}
+            meta = obj.get("metadata")
+            meta = meta if isinstance(meta, Mapping) else {}
             uid, version = meta.get("uid"), meta.get("resourceVersion")
             key = (uid, version) if isinstance(uid, str) and isinstance(version, str) else None
             result = self._last.get(key) if key else None

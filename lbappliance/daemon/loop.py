@@ -14,6 +14,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from kubernetes.config.config_exception import ConfigException
 
 from ..core.config import ApplianceConfig
 from ..core.ipam import orphaned_addresses
-from ..core.models import Pool
+from ..core.models import Pool, Service
 from ..core.reloading import changed_sections, restart_required
 from ..edges import systemd
 from ..edges.apply import DataPlane
@@ -291,22 +292,8 @@ class Daemon:
             log.warning("caches on the new kubeconfig not synced after 30s; serving what is known")
 
     def _checked_pools(self, config: ApplianceConfig) -> tuple[Pool, ...] | None:
-        """The pools `config` names, or None (logged, stale metric set) when unusable or when they
-        would drop addresses in use."""
-        try:
-            pools = read_pools(config)
-        except ConfigFileError as exc:
-            log.error("pools reload refused, keeping the last good pools:\n%s", exc)
-            self.metrics.config_stale.labels("pools").set(1)
-            return None
-        orphans = orphaned_addresses(self.pools, pools, self.cluster.services().items)
-        if orphans:
-            log.error("pools reload refused: %s would drop addresses in use: %s; release them first "
-                      "(delete the Services or move them with lbappliance.io/load-balancer-ips)",
-                      config.paths.pools, ", ".join(orphans))
-            self.metrics.config_stale.labels("pools").set(1)
-            return None
-        self.metrics.config_stale.labels("pools").set(0)
+        pools = checked_pools(config, self.pools, self.cluster.services().items)
+        self.metrics.config_stale.labels("pools").set(0 if pools is not None else 1)
         return pools
 
     def reload_pools(self, config: ApplianceConfig) -> bool:
@@ -317,6 +304,24 @@ class Daemon:
             log.info("pools reloaded from %s (%d pools)", config.paths.pools, len(pools))
         self.pools = pools
         return True
+
+
+def checked_pools(config: ApplianceConfig, running: tuple[Pool, ...],
+                  services: Iterable[Service]) -> tuple[Pool, ...] | None:
+    """The pools `config` names, or None (logged) when unusable or when they would drop
+    addresses in use."""
+    try:
+        pools = read_pools(config)
+    except ConfigFileError as exc:
+        log.error("pools reload refused, keeping the last good pools:\n%s", exc)
+        return None
+    orphans = orphaned_addresses(running, pools, services)
+    if orphans:
+        log.error("pools reload refused: %s would drop addresses in use: %s; release them first "
+                  "(delete the Services or move them with lbappliance.io/load-balancer-ips)",
+                  config.paths.pools, ", ".join(orphans))
+        return None
+    return pools
 
 
 def main(config_path: Path, identity: str | None = None, netns: str | None = None) -> int:

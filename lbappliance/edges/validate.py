@@ -66,7 +66,7 @@ _CONFIG_TEST_FAILED = 5
 
 def _forgive_unprivileged_script_check(verdict: Verdict) -> Verdict:
     lines = [line for line in verdict.output.splitlines() if line.strip()]
-    rest = [line for line in lines if not _UNPRIVILEGED_SCRIPT_LINE.match(line.strip())]
+    rest = [line for line in lines if not _UNPRIVILEGED_SCRIPT_LINE.fullmatch(line.strip())]
     if verdict.returncode not in (0, _CONFIG_TEST_FAILED) or rest or not lines:
         return verdict
     return Verdict(True, "")
