@@ -12,6 +12,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from . import canonical
 from .canonical import truncate
@@ -73,8 +74,19 @@ def node_address(node: Node, family: Family, preference: Sequence[str]) -> str |
 
 
 def _source_ranges(service: Service) -> tuple[tuple[str, ...], str | None]:
+    """The Service's loadBalancerSourceRanges, canonical, sorted and deduplicated, or why not."""
+    ranges = service.source_ranges
+    if not ranges:
+        return (), None
+    if sum(len(r) for r in ranges if isinstance(r, str)) <= 4096 and all(isinstance(r, str) for r in ranges):
+        return _canonical_ranges(ranges)  # memoised: most Services keep their ranges pass after pass
+    return _canonical_ranges.__wrapped__(ranges)
+
+
+@lru_cache(maxsize=1 << 12)
+def _canonical_ranges(texts: tuple[str, ...]) -> tuple[tuple[str, ...], str | None]:
     ranges = set()
-    for i, text in enumerate(service.source_ranges):
+    for i, text in enumerate(texts):
         try:
             # Surrounding spaces are the API's leniency (it trims them); inside, nothing but a CIDR.
             ranges.add(canonical.network(text.strip(" ") if isinstance(text, str) else text))
