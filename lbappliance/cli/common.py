@@ -10,11 +10,12 @@ from typing import Any, NoReturn
 import click
 
 from ..core import yamlsafe
-from ..core.config import ApplianceConfig, ConfigError, parse_config
+from ..core.config import ApplianceConfig
+from ..core.models import Pool
+from ..edges.configfiles import EXIT_CONFIG, ConfigFileError, read_config, read_pools
 from ..edges.files import read_bytes
 
 DEFAULT_CONFIG = "/etc/lbappliance/config.yaml"
-EXIT_CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus uses it
 
 
 def config_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -53,15 +54,23 @@ def exists(path: Path, code: int = 1) -> bool:
 
 
 def load_config(path: Path, required: bool = False) -> ApplianceConfig:
-    if not exists(path, EXIT_CONFIG):
-        if required:
-            fail(f"{path}: file not found")
-        return parse_config("", str(path))
-    text = read_input(path, yamlsafe.CONFIG_LIMITS, EXIT_CONFIG)
+    """config.yaml as the daemon reads it (`edges/configfiles`); every default when it does not exist."""
+    if required and not exists(path, EXIT_CONFIG):
+        fail(f"{path}: file not found")
     try:
-        return parse_config(text, str(path))
-    except ConfigError as exc:
+        return read_config(path)
+    except ConfigFileError as exc:
         fail(str(exc), EXIT_CONFIG)
+
+
+def load_pool_list(config: ApplianceConfig, path: Path) -> tuple[Pool, ...]:
+    """pools.yaml as the daemon reads it."""
+    if not exists(path):
+        fail(f"{path}: file not found (create one with `lbappliance pool add`)")
+    try:
+        return read_pools(config, path)
+    except ConfigFileError as exc:
+        fail(str(exc))
 
 
 def pools_path_for(config: ApplianceConfig, given: Path | None) -> Path:

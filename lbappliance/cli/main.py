@@ -11,14 +11,20 @@ from typing import Any
 import click
 
 from ..core import yamlsafe
-from ..core.config import ApplianceConfig, ConfigError, load_pools
 from ..core.kube import items_of, parse_objects
-from ..core.models import Pool
 from ..core.plan import Snapshot, desired_state
 from ..core.render import render as render_configs
 from ..edges.files import atomic_write, read_bytes
 from ..edges.validate import check_haproxy, check_keepalived
-from .common import config_option, exists, fail, load_config, pools_option, pools_path_for, read_input
+from .common import (
+    config_option,
+    fail,
+    load_config,
+    load_pool_list,
+    pools_option,
+    pools_path_for,
+    read_input,
+)
 from .lab import lab
 from .output import emit, output_option, table
 from .pool import pool
@@ -35,16 +41,6 @@ def cli(verbose: bool) -> None:
 
 cli.add_command(pool)
 cli.add_command(lab)
-
-
-def _load_pools(config: ApplianceConfig, path: Path) -> tuple[Pool, ...]:
-    if not exists(path):
-        fail(f"{path}: file not found (create one with `lbappliance pool add`)")
-    text = read_input(path)
-    try:
-        return load_pools(text, str(path), config.own_addresses())
-    except ConfigError as exc:
-        fail(str(exc))
 
 
 # What reading one object may raise beyond ObjectError: a field of the wrong type or shape.
@@ -106,7 +102,7 @@ def render(services_path: Path, nodes_path: Path, out_dir: Path, strict: bool, c
     An object that cannot be read is reported (`skipped: ...`) and left out, as the daemon does.
     """
     config = load_config(config_path)
-    pools = _load_pools(config, pools_path_for(config, pools_path))
+    pools = load_pool_list(config, pools_path_for(config, pools_path))
     services, skipped_services = _load_objects(services_path, "Service")
     nodes, skipped_nodes = _load_objects(nodes_path, "Node")
     skipped = skipped_services + skipped_nodes
@@ -137,7 +133,7 @@ def check(config_path: Path, pools_path: Path | None, services_path: Path | None
     """Validate config and pools; with the binaries present, validate the rendered configs too."""
     config = load_config(config_path)
     path = pools_path_for(config, pools_path)
-    pools = _load_pools(config, path)
+    pools = load_pool_list(config, path)
     click.echo(f"{config_path if config_path.exists() else 'config (defaults)'}: ok")
     click.echo(f"{path}: ok ({len(pools)} pools)")
     services, skipped_services = _load_objects(services_path, "Service")

@@ -20,14 +20,11 @@ class ConfigFileError(Exception):
 
 
 def _read(path: Path) -> str:
+    """A regular file's UTF-8 text, bounded in size (`edges/files.read_text`)."""
     try:
         return read_text(path)
-    except UnicodeDecodeError as exc:
-        raise ConfigFileError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except IsADirectoryError:
-        raise ConfigFileError(f"{path}: is a directory, not a file") from None
     except OSError as exc:
-        raise ConfigFileError(f"{path}: {exc.strerror or exc}") from None
+        raise ConfigFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 def read_config(path: Path, required: bool = False) -> ApplianceConfig:

@@ -110,6 +110,7 @@ def test_the_pools_watch_ignores_reads_and_wakes_on_writes(tmp_path: Path) -> No
         deadline = time.monotonic() + 5
         while not flags.reload_pools and time.monotonic() < deadline:
             time.sleep(0.02)
+        time.sleep(0.5)  # one write is a few events (modified, closed): let them all arrive
         assert flags.reload_pools and 1 <= len(pokes) <= 3
         flags.reload_pools = False
         pokes.clear()
