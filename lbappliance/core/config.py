@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from . import canonical, yamlsafe
 from .canonical import truncate
-from .models import AddressRange, IPAddress, LabelRequirement, LabelSelector, Pool
+from .models import FAMILY_TAG, AddressRange, Family, IPAddress, LabelRequirement, LabelSelector, Pool
 
 API_VERSION: Literal["lbappliance.io/v1alpha1"] = "lbappliance.io/v1alpha1"
 # Used with fullmatch only: `re.match(r"...$")` accepts a trailing newline.
@@ -154,8 +154,8 @@ class VrrpSettings(_Strict):
         # ((256 - priority) / 256 advert intervals) keeps failover of this instance fast.
         return self.backup_priority if self.backup_priority is not None else max(1, self.priority - 1)
 
-    def instance_name(self, family: str, index: int = 0) -> str:
-        base = f"VI_{'v4' if family == 'IPv4' else 'v6'}"
+    def instance_name(self, family: Family, index: int = 0) -> str:
+        base = f"VI_{FAMILY_TAG[family]}"
         return base if index == 0 else f"{base}_{index}"
 
     def anchors(self) -> tuple[IPAddress, ...]:

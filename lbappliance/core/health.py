@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .models import Backend, DesiredState, Server, family_of, parse_address
+from .models import FAMILY_TAG, Backend, DesiredState, Server, family_of, parse_address
 
 MONITOR_PREFIX = "hc_"
 
 
 def family_tag(address: str) -> str:
-    return "v4" if parse_address(address).version == 4 else "v6"
+    return FAMILY_TAG[family_of(parse_address(address))]
 
 
 def monitor_name(check_port: int, server: Server) -> str:

@@ -34,6 +34,17 @@ def family_of(address: IPAddress) -> Family:
     return "IPv4" if address.version == 4 else "IPv6"
 
 
+# The one place for the spellings of an address family: Kubernetes', ours in names, nft's.
+FAMILY_VERSION: Mapping[Family, int] = {"IPv4": 4, "IPv6": 6}
+FAMILY_TAG: Mapping[Family, str] = {"IPv4": "v4", "IPv6": "v6"}  # in HAProxy, VRRP and nft names
+NFT_FAMILY: Mapping[Family, str] = {"IPv4": "ip", "IPv6": "ip6"}
+
+
+def host_port(address: str, port: int | str, separator: str = ":") -> str:
+    """'192.0.2.1:80', '[2001:db8::1]:80' (IPv6 in brackets, as HAProxy, URLs and nft want)."""
+    return f"[{address}]{separator}{port}" if ":" in address else f"{address}{separator}{port}"
+
+
 class Reason(StrEnum):
     """Event reasons the daemon publishes; the core only names them."""
 
@@ -231,7 +242,7 @@ class Frontend:
 
     @property
     def bind(self) -> str:
-        return f"[{self.vip}]:{self.port}" if ":" in self.vip else f"{self.vip}:{self.port}"
+        return host_port(self.vip, self.port)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import hashlib
 import ipaddress
 from collections.abc import Mapping, Sequence
 
-from .models import Server, UdpForward, address_sort_key
+from .models import FAMILY_VERSION, NFT_FAMILY, Server, UdpForward, address_sort_key, host_port
 
 TABLE_FAMILY = "inet"
 TABLE_NAME = "lbappliance"
@@ -37,16 +37,16 @@ def healthy_servers(forward: UdpForward, healthy: Health | None) -> tuple[Server
 
 
 def _same_family_ranges(forward: UdpForward) -> tuple[str, ...]:
-    version = 4 if forward.family == "IPv4" else 6
+    version = FAMILY_VERSION[forward.family]
     return tuple(r for r in forward.source_ranges if ipaddress.ip_network(r).version == version)
 
 
 def _target(server: Server, port: int) -> str:
-    return f"[{server.address}] . {port}" if ":" in server.address else f"{server.address} . {port}"
+    return host_port(server.address, port, " . ")
 
 
 def _match(forward: UdpForward) -> str:
-    ip = "ip" if forward.family == "IPv4" else "ip6"
+    ip = NFT_FAMILY[forward.family]
     return f"{ip} daddr {forward.vip} udp dport {forward.port}"
 
 
@@ -70,12 +70,12 @@ def _comment(forward: UdpForward) -> str:
 
 def dnat_rule(forward: UdpForward, servers: Sequence[Server]) -> str:
     """`... dnat ip to jhash ip saddr . udp sport mod N map { i : addr . port, ... }`."""
-    ip = "ip" if forward.family == "IPv4" else "ip6"
+    ip = NFT_FAMILY[forward.family]
     key = f"{ip} saddr" if forward.backend.affinity_timeout else f"{ip} saddr . udp sport"
     port = forward.backend.port
     if len(servers) == 1:
         server = servers[0]
-        to = f"[{server.address}]:{port}" if ":" in server.address else f"{server.address}:{port}"
+        to = host_port(server.address, port)
         return f"{_match(forward)} dnat {ip} to {to} {_comment(forward)}"
     elements = ", ".join(f"{i} : {_target(s, port)}" for i, s in enumerate(servers))
     return (f"{_match(forward)} dnat {ip} to jhash {key} mod {len(servers)} map {{ {elements} }} "
@@ -100,7 +100,7 @@ def render_nft(forwards: Sequence[UdpForward], healthy: Health | None = None) ->
         if not forward.source_ranges:
             continue
         ranges = _same_family_ranges(forward)
-        ip = "ip" if forward.family == "IPv4" else "ip6"
+        ip = NFT_FAMILY[forward.family]
         allowed = f" {ip} saddr != {{ {', '.join(ranges)} }}" if ranges else ""
         filters.append(f"\t\t{_match(forward)}{allowed} drop {_comment(forward)}")
     if filters:

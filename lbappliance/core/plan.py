@@ -22,6 +22,8 @@ from .kube import node_is_eligible
 from .models import (
     ANN_PROXY,
     ANN_VRRP_INSTANCE,
+    FAMILY_TAG,
+    FAMILY_VERSION,
     KUBE_PROXY_HEALTH_PORT,
     Allocation,
     Backend,
@@ -129,8 +131,7 @@ def _bad_number(check: Callable[[object], int], value: object) -> str | None:
 
 
 def _proxy_name(service: Service, port: ServicePort, family: Family) -> str:
-    suffix = "v4" if family == "IPv4" else "v6"
-    return f"{service.namespace}_{service.name}_{port.protocol.lower()}{port.port}_{suffix}"
+    return f"{service.namespace}_{service.name}_{port.protocol.lower()}{port.port}_{FAMILY_TAG[family]}"
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ def plan_service(
 
 
 def _same_family(servers: tuple[Server, ...], family: Family) -> tuple[Server, ...]:
-    version = 4 if family == "IPv4" else 6
+    version = FAMILY_VERSION[family]
     if all(parse_address(s.address).version == version for s in servers):
         return servers  # the shared tuple: render builds each server block once
     return tuple(s for s in servers if parse_address(s.address).version == version)

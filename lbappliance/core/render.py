@@ -11,7 +11,7 @@ import jinja2
 
 from .config import ApplianceConfig, HealthCheckConfig
 from .health import health_monitors, is_monitor, monitor_name
-from .models import Backend, DesiredState, Server
+from .models import Backend, DesiredState, Server, host_port
 
 # HAProxy reads at most 64 words a line (`acl allowed_sources src` takes 3) and, in older
 # versions, 2048 characters: 40 CIDRs of at most 43 characters each stay well inside both.
@@ -58,7 +58,7 @@ def server_defaults(health: HealthCheckConfig) -> str:
 
 
 def server_target(server: Server, port: int) -> str:
-    return f"[{server.address}]:{port}" if ":" in server.address else f"{server.address}:{port}"
+    return host_port(server.address, port)
 
 
 def _server_lines_renderer() -> Callable[[Backend], str]:
