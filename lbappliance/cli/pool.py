@@ -13,6 +13,7 @@ import click
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
+from ..core import metallb, yamlsafe
 from ..core.config import (
     API_VERSION,
     ConfigError,
@@ -248,5 +249,46 @@ def set_pool(name: str, add_address: tuple[str, ...], remove_address: tuple[str,
                 alloc["priority"] = priority
             if namespaces:
                 alloc["namespaces"] = list(namespaces)
+
+    _edit(config_path, pools_path, dry_run, change)
+
+
+@pool.command("import")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@config_option
+@pools_option
+@dry_run_option
+def import_pools(source: Path, config_path: Path, pools_path: Path | None, dry_run: bool) -> None:
+    """Import MetalLB IPAddressPools (`kubectl get ipaddresspools -A -o yaml > FILE`).
+
+    Each pool replaces the pool of its name or is appended; every field that has a counterpart is
+    carried over, and a field without one refuses the whole import, naming it. Written like
+    `pool add`: validated as a whole, under the same lock, atomically (`--dry-run` shows the diff).
+    """
+    text = read_input(source, yamlsafe.OBJECT_LIMITS)
+    try:
+        documents = yamlsafe.load_all(text, str(source), yamlsafe.OBJECT_LIMITS)
+    except yamlsafe.YamlInputError as exc:
+        fail(str(exc))
+    result = metallb.ImportResult((), ())
+    for document in documents:
+        if document is None:
+            continue
+        one = metallb.import_pools(document)
+        result = metallb.ImportResult(result.pools + one.pools, result.refusals + one.refusals)
+    if result.refusals:
+        fail(f"{source}: refused, nothing written; no counterpart in pools.yaml for:\n"
+             + "\n".join(f"  {line}" for line in result.refusals))
+    if not result.pools:
+        fail(f"{source}: no IPAddressPool in the file")
+
+    def change(pools: MutableSequence[Any]) -> None:
+        merged = metallb.merge_pools(list(pools), result.pools)
+        for i, entry in enumerate(merged):
+            if i < len(pools):
+                if pools[i] != entry:  # an unchanged pool keeps its comments and layout
+                    pools[i] = entry
+            else:
+                pools.append(entry)
 
     _edit(config_path, pools_path, dry_run, change)

@@ -8,6 +8,7 @@ from typing import Any
 
 from . import canonical
 from .canonical import shown, truncate
+from .metallb import with_aliases
 from .models import (
     FINALIZER,
     LABEL_EXCLUDE,
@@ -78,7 +79,7 @@ def service_from_object(obj: Mapping[str, Any]) -> Service:
         ip_family_policy=str(spec.get("ipFamilyPolicy") or "SingleStack"),
         allocate_node_ports=spec.get("allocateLoadBalancerNodePorts") is not False,
         load_balancer_ip=spec.get("loadBalancerIP") or None,
-        annotations=_str_map(meta.get("annotations")),
+        annotations=with_aliases(_str_map(meta.get("annotations"))),  # MetalLB keys as aliases of ours
         labels=_str_map(meta.get("labels")),
         ingress_ips=ingress,
         deleting=bool(meta.get("deletionTimestamp")),
