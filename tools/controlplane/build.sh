@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Build a real kube-apiserver and etcd (test tooling only) from the Kubernetes
-# Go modules pinned in this directory's go.mod/go.sum.
+# Build a real kube-apiserver, etcd and kube-proxy (test tooling only) from the
+# Kubernetes Go modules pinned in this directory's go.mod/go.sum.
 #
-# Output: ${LBAPPLIANCE_CACHE:-$HOME/.cache/lbappliance}/controlplane/<hash>/bin/{kube-apiserver,etcd}
+# Output: ${LBAPPLIANCE_CACHE:-$HOME/.cache/lbappliance}/controlplane/<hash>/bin/{kube-apiserver,etcd,kube-proxy}
 # where <hash> is a short sha256 of go.mod, go.sum and the cmd/ sources, so a
-# version bump builds into a fresh directory. Does nothing when both binaries
+# version bump builds into a fresh directory. Does nothing when all three binaries
 # already exist. The last line on stdout is always the bin directory.
 set -euo pipefail
 
@@ -16,13 +16,17 @@ export GOFLAGS="${GOFLAGS:+$GOFLAGS }-mod=mod"
 export CGO_ENABLED=0
 
 cache_root="${LBAPPLIANCE_CACHE:-$HOME/.cache/lbappliance}/controlplane"
-hash="$(cat go.mod go.sum cmd/kube-apiserver/main.go cmd/etcd/main.go | sha256sum | cut -c1-16)"
+hash="$(cat go.mod go.sum cmd/kube-apiserver/main.go cmd/etcd/main.go cmd/kube-proxy/main.go | sha256sum | cut -c1-16)"
 out="$cache_root/$hash"
 bin="$out/bin"
 
-have_both() { [[ -x "$bin/kube-apiserver" && -x "$bin/etcd" ]]; }
+binaries=(kube-apiserver etcd kube-proxy)
+have_all() {
+  local b
+  for b in "${binaries[@]}"; do [[ -x "$bin/$b" ]] || return 1; done
+}
 
-if have_both; then
+if have_all; then
   echo "$bin"
   exit 0
 fi
@@ -33,7 +37,7 @@ exec 9>"$out/.lock"
 if command -v flock >/dev/null 2>&1; then
   flock 9
 fi
-if have_both; then
+if have_all; then
   echo "$bin"
   exit 0
 fi
@@ -60,10 +64,12 @@ done
 tmp="$(mktemp -d "$out/.build.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 
-echo "build.sh: building kube-apiserver $kube_version and etcd $(awk '$1 == "go.etcd.io/etcd/server/v3" {print $2; exit}' go.mod) into $bin" >&2
-go build -trimpath -ldflags "$ldflags" -o "$tmp/" ./cmd/kube-apiserver ./cmd/etcd >&2
+echo "build.sh: building kube-apiserver and kube-proxy $kube_version and etcd $(awk '$1 == "go.etcd.io/etcd/server/v3" {print $2; exit}' go.mod) into $bin" >&2
+# One go build: the three share most packages, so they compile once.
+go build -trimpath -ldflags "$ldflags" -o "$tmp/" ./cmd/kube-apiserver ./cmd/etcd ./cmd/kube-proxy >&2
 
 mkdir -p "$bin"
-mv -f "$tmp/kube-apiserver" "$bin/kube-apiserver"
-mv -f "$tmp/etcd" "$bin/etcd"
+for b in "${binaries[@]}"; do
+  mv -f "$tmp/$b" "$bin/$b"
+done
 echo "$bin"
