@@ -17,12 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def spawn_logged(argv: list[str], log_path: str | None) -> subprocess.Popen[bytes]:
+def spawn_logged(argv: list[str], log_path: str | None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Own session (no terminal signals), stdin closed, stdout and stderr appended to `log_path`."""
     log = open(log_path or os.devnull, "ab")  # noqa: SIM115 - handed to the child
     try:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
     finally:
         log.close()
 

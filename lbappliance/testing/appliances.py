@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from lbappliance.edges.processes import stop_child
+from lbappliance.edges.processes import spawn_logged, stop_child
 
 from .controlplane import apply_manifest, free_port
 from .netlab import VIP_POOL_V4, VIP_POOL_V6, NetworkLab
@@ -79,14 +79,10 @@ class Appliance:
         return f"http://{self.config['metricsAddress']}/metrics"
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lbappliance", "run", "--config", str(self.config_path),
-             "--identity", self.name, "--netns", self.netns],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,
-        )
-        log.close()
+        """The daemon in the host namespace, its HAProxy and keepalived in the appliance host's."""
+        self.proc = spawn_logged([sys.executable, "-m", "lbappliance", "run", "--config", str(self.config_path),
+                                  "--identity", self.name, "--netns", self.netns],
+                                 str(self.log_path), env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
         """Stop the daemon (SIGTERM: it stops its HAProxy and keepalived; SIGKILL: they stay)."""
