@@ -67,6 +67,11 @@ SHAPES: dict[str, tuple[tuple[Service, ...], tuple[Node, ...]]] = {
     "multi-port": ((Service("shop", "front", creation="1", ports=(tcp(80, 30080), tcp(443, 30443))),), NODES),
     "local-policy": ((Service("default", "local", creation="1", ports=(tcp(80, 31080),),
                               external_traffic_policy="Local", health_check_node_port=32100),), NODES),
+    # A dual-stack Local Service: kube-proxy answers its healthCheckNodePort on the node's IPv4
+    # (primary) address only, so the IPv6 servers are checked there (`addr`).
+    "local-dual-stack": ((Service("default", "local2", creation="1", ports=(tcp(80, 31081),),
+                                  external_traffic_policy="Local", health_check_node_port=32101,
+                                  ip_families=("IPv4", "IPv6"), ip_family_policy="RequireDualStack"),), NODES),
     "source-ranges": ((Service("default", "private", creation="1", ports=(tcp(22, 30022),),
                                source_ranges=("198.51.100.0/24", "192.0.2.7/32")),), NODES),
     "affinity": ((Service("default", "sticky", creation="1", ports=(tcp(80, 30081),),

@@ -98,14 +98,21 @@ def structural_differences(old: DesiredState, new: DesiredState) -> tuple[str, .
     new_hc = {m.name for m in health_monitors(new)}
     reasons += [f"health monitor {n} added" for n in sorted(new_hc - old_hc)]
     reasons += [f"health monitor {n} removed" for n in sorted(old_hc - new_hc)]
+    # Where a server is checked (`addr`) is set when it is created: a change takes a reload.
+    before, after = _check_addresses(old), _check_addresses(new)
+    moved = sorted(k for k in before.keys() & after.keys() if before[k] != after[k])
+    reasons += [f"health-check address of {b}/{s} changed" for b, s in moved]
     return tuple(reasons)
+
+
+def _check_addresses(state: DesiredState) -> dict[tuple[str, str], str | None]:
+    return {(b.name, s.name): s.check_address for b in _backends(state).values() for s in b.servers}
 
 
 def _server_diff(old: Backend, new: Backend) -> tuple[list[ServerAdd], list[ServerRemove], list[ServerReaddress]]:
     before = {s.name: s for s in old.servers}
     after = {s.name: s for s in new.servers}
-    options = server_options(new)
-    adds = [ServerAdd(new.name, n, server_target(after[n], new.port), options)
+    adds = [ServerAdd(new.name, n, server_target(after[n], new.port), server_options(new, after[n]))
             for n in sorted(after.keys() - before.keys())]
     removes = [ServerRemove(new.name, n) for n in sorted(before.keys() - after.keys())]
     moves = [ServerReaddress(new.name, n, after[n].address, new.port)

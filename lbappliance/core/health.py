@@ -23,9 +23,14 @@ def family_tag(address: str) -> str:
     return FAMILY_TAG[family_of(parse_address(address))]
 
 
+def checked_at(server: Server) -> str:
+    """The address `server`'s node is checked at (kube-proxy's health server may listen elsewhere)."""
+    return server.check_address or server.address
+
+
 def monitor_name(check_port: int, server: Server) -> str:
-    """The monitor backend checking `server`'s node on `check_port` (per address family)."""
-    return f"{MONITOR_PREFIX}{check_port}_{family_tag(server.address)}"
+    """The monitor backend checking `server`'s node on `check_port` (per family of the checked address)."""
+    return f"{MONITOR_PREFIX}{check_port}_{family_tag(checked_at(server))}"
 
 
 def is_monitor_name(backend: str) -> bool:
@@ -57,8 +62,9 @@ def monitors_for(backends: Iterable[Backend]) -> tuple[Backend, ...]:
         seen.add((id(backend.servers), backend.check_port))
         for server in backend.servers:
             name = monitor_name(backend.check_port, server)
-            members.setdefault(name, {})[server.name] = server
-            first.setdefault(name, (backend, server))
+            checked = Server(server.name, checked_at(server))
+            members.setdefault(name, {})[server.name] = checked
+            first.setdefault(name, (backend, checked))
     return tuple(
         Backend(name=name, servers=tuple(sorted(members[name].values())), port=backend.check_port,
                 check_port=backend.check_port, check_path=backend.check_path, proxy_protocol=None,

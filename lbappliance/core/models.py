@@ -216,6 +216,9 @@ class Server:
 
     name: str
     address: str
+    # Where the node answers this server's health check, when not at `address`: kube-proxy's
+    # healthCheckNodePort listens only on the node's primary address of the Service's family.
+    check_address: str | None = None
 
 
 @dataclass(frozen=True)

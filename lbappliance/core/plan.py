@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from . import canonical
@@ -184,6 +184,7 @@ def plan_service(
         problem(range_error)
         return refused()
     local = service.external_traffic_policy == "Local"
+    families = _service_families(service, vips)
     if local and not service.health_check_node_port:
         problem("externalTrafficPolicy Local without spec.healthCheckNodePort; cannot tell which nodes "
                 "have endpoints")
@@ -208,10 +209,17 @@ def plan_service(
         for port in ports:
             name = _proxy_name(service, port, family)
             udp = port.protocol == "UDP"
+            servers = targets[family]
+            if udp or families == {family}:
+                # kube-proxy programs a single-stack Service's NodePort only in its family, and a
+                # kernel DNAT stays in its family; a dual-stack Service's NodePort is in both.
+                servers = _same_family(servers, family)
+            primary = families_primary(service, vips)
+            if local and families != {family} and family != primary:
+                servers = _checked_at(servers, targets[primary], primary)
             backend = Backend(
                 name=f"be_{name}",
-                # HAProxy may proxy a v6 VIP to a v4-only node; a kernel DNAT stays in its family.
-                servers=_same_family(targets[family], family) if udp else targets[family],
+                servers=servers,
                 port=port.node_port or 0,
                 check_port=check_port,
                 check_path="/healthz",
@@ -225,6 +233,30 @@ def plan_service(
                 frontends.append(Frontend(f"fe_{name}", service.key, vip, port.port, port.protocol, ranges,
                                           backend))
     return ServicePlan(tuple(frontends), tuple(forwards), pin, tuple(problems))
+
+
+def _service_families(service: Service, vips: Sequence[str]) -> set[Family]:
+    """The families the Service has (spec.ipFamilies; offline files may lack it: its VIPs' then)."""
+    named = {f for f in service.ip_families if f in FAMILY_VERSION}
+    return named or {family_of(parse_address(v)) for v in vips}  # type: ignore[return-value]
+
+
+def families_primary(service: Service, vips: Sequence[str]) -> Family:
+    """The Service's primary family: the first of spec.ipFamilies (kube-proxy's health server for a
+    `Local` Service listens on the node's address of this family only)."""
+    for family in service.ip_families:
+        if family in FAMILY_VERSION:
+            return family  # type: ignore[return-value]
+    return family_of(parse_address(vips[0]))
+
+
+def _checked_at(servers: tuple[Server, ...], primary: tuple[Server, ...], family: Family) -> tuple[Server, ...]:
+    """`servers`, each checked at its node's address of the primary `family` (a node without one
+    cannot be checked where kube-proxy listens, so it is left out)."""
+    version = FAMILY_VERSION[family]
+    at = {s.name: s.address for s in primary if parse_address(s.address).version == version}
+    return tuple(s if parse_address(s.address).version == version else replace(s, check_address=at[s.name])
+                 for s in servers if s.name in at)
 
 
 def _same_family(servers: tuple[Server, ...], family: Family) -> tuple[Server, ...]:

@@ -37,10 +37,15 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def server_options(backend: Backend) -> str:
+def server_options(backend: Backend, server: Server | None = None) -> str:
     """Options of a server that checks for itself: monitors' servers, and the ones `add server`
     creates at runtime (HAProxy cannot make those track a monitor)."""
-    return _with_proxy_protocol(backend, f"check port {backend.check_port}")
+    return _with_proxy_protocol(backend, f"check port {backend.check_port}{check_addr(server)}")
+
+
+def check_addr(server: Server | None) -> str:
+    """` addr X` when the node answers the check at another address than the server's."""
+    return f" addr {server.check_address}" if server is not None and server.check_address else ""
 
 
 def tracking_options(backend: Backend, server: Server) -> str:

@@ -134,3 +134,33 @@ def test_parsed_objects_reread_only_what_changed() -> None:
     plain = {"metadata": {"name": "d", "namespace": "default"}, "spec": {"ports": [{"port": 53}]}}
     one, two = cache.parse([plain])[0][0], cache.parse([plain])[0][0]
     assert one == two and one is not two
+
+
+def _servers(state, service: str) -> dict[str, list[str]]:  # type: ignore[no-untyped-def]
+    """frontend family tag -> its servers' addresses."""
+    return {f.name.rsplit("_", 1)[1]: [s.address for s in f.backend.servers] for f in state.frontends
+            if f.service == service}
+
+
+def test_a_single_stack_service_is_sent_only_to_node_addresses_of_its_family() -> None:
+    """kube-proxy programs a single-stack Service's NodePort only in its family: node-2, without an
+    IPv6 address, must not get the IPv6-only Service's traffic on its IPv4 address."""
+    v6 = Service("default", "v6", creation="1", ports=(ServicePort("p", "TCP", 80, 30086),), ip_families=("IPv6",))
+    v4 = Service("default", "v4", creation="2", ports=(ServicePort("p", "TCP", 81, 30087),), ip_families=("IPv4",))
+    state = plan_for(v6, v4)
+    assert _servers(state, "default/v6") == {"v6": ["2001:db8:0:2::11"]}
+    assert _servers(state, "default/v4") == {"v4": ["198.51.100.11", "198.51.100.12"]}
+
+
+def test_a_dual_stack_service_may_cross_families_and_is_checked_where_kube_proxy_listens() -> None:
+    dual = Service("default", "dual", creation="1", ports=(ServicePort("p", "TCP", 80, 30088),),
+                   ip_families=("IPv4", "IPv6"), ip_family_policy="RequireDualStack",
+                   external_traffic_policy="Local", health_check_node_port=32100)
+    state = plan_for(dual)
+    assert _servers(state, "default/dual") == {"v4": ["198.51.100.11", "198.51.100.12"],
+                                               "v6": ["2001:db8:0:2::11", "198.51.100.12"]}
+    [v6] = [f.backend for f in state.frontends if f.name.endswith("_v6")]
+    # The healthCheckNodePort answers on the node's IPv4 (primary) address only.
+    assert {s.name: s.check_address for s in v6.servers} == {"node-1": "198.51.100.11", "node-2": None}
+    from lbappliance.core.health import health_monitors
+    assert [m.name for m in health_monitors(state)] == ["hc_32100_v4"]
