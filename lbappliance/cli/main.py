@@ -25,6 +25,8 @@ from .common import (
     pools_path_for,
     read_input,
 )
+from .doctor import doctor
+from .enroll import enroll
 from .lab import lab
 from .output import emit, output_option, table
 from .pool import pool
@@ -41,6 +43,8 @@ def cli(verbose: bool) -> None:
 
 cli.add_command(pool)
 cli.add_command(lab)
+cli.add_command(enroll)
+cli.add_command(doctor)
 
 
 # What reading one object may raise beyond ObjectError: a field of the wrong type or shape.
