@@ -183,29 +183,34 @@ def make_active_active_pair(lab: NetworkLab, workdir: Path, kubeconfig: Path, po
 def start_daemons(admin_api: Any, lab: NetworkLab, workdir: Path, kubeconfig: Path, *,
                   rbac: Path = RBAC_MANIFEST, nodeports: Iterable[int] = (), health_ports: Iterable[int] = (),
                   udp_ports: Iterable[int] = (), active_active: bool = False,
-                  field_manager: str = "lbappliance-tests", **pair_kw: Any) -> tuple[Appliance, Appliance]:
+                  field_manager: str = "lbappliance-tests", kube_nodes: Any = None,
+                  **pair_kw: Any) -> tuple[Appliance, Appliance]:
     """The one "lab + RBAC + pair + first pass" setup of the e2e tests, the lab and the benches.
 
     `rbac` applied as admin, the lab's nodes as Node objects, their NodePort, health and UDP
     responders, then both daemons started with `kubeconfig` (the least-privilege identity) and
-    awaited through their first pass. If any of that fails the daemons are stopped again, and a
-    daemon that never got through its first pass raises TimeoutError with both logs' tails.
+    awaited through their first pass. With `kube_nodes` (a started `kubenodes.KubeNodes`) the
+    nodes are real instead: their Node objects, kube-proxy and pods are already there, and no
+    look-alike responder runs (`nodeports`, `health_ports`, `udp_ports` are ignored). If any of
+    that fails the daemons are stopped again, and a daemon that never got through its first pass
+    raises TimeoutError with both logs' tails.
     """
     from kubernetes import client
 
     apply_manifest(admin_api, rbac, field_manager=field_manager)
-    core = client.CoreV1Api(admin_api)
-    for node in node_objects(lab):
-        try:
-            core.create_node(node)
-        except client.ApiException as exc:
-            if exc.status != 409:  # already there: a module before this one made the same lab's nodes
-                raise
-    if nodeports := sorted(set(nodeports)):
-        lab.serve_nodeports(nodeports)
-    lab.serve_health_ports(health_ports)
-    if udp_ports := sorted(set(udp_ports)):
-        lab.serve_udp(udp_ports)
+    if kube_nodes is None:
+        core = client.CoreV1Api(admin_api)
+        for node in node_objects(lab):
+            try:
+                core.create_node(node)
+            except client.ApiException as exc:
+                if exc.status != 409:  # already there: a module before this one made the same lab's nodes
+                    raise
+        if nodeports := sorted(set(nodeports)):
+            lab.serve_nodeports(nodeports)
+        lab.serve_health_ports(health_ports)
+        if udp_ports := sorted(set(udp_ports)):
+            lab.serve_udp(udp_ports)
     pair = (make_active_active_pair if active_active else make_pair)(lab, workdir, kubeconfig, **pair_kw)
     try:
         for app in pair:

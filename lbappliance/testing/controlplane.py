@@ -615,6 +615,17 @@ class ControlPlane:
             _kubeconfig(self.url, self._pki.ca_pem, APPLIANCE_USER, self._appliance_pair, "lbappliance").encode(),
         )
 
+    def issue_kubeconfig(self, path: Path, user: str, groups: Sequence[str] = ()) -> Path:
+        """A kubeconfig for `user` (client certificate CN=user, O=groups) from this control plane's CA.
+
+        For identities the apiserver's bootstrap RBAC already knows, e.g. ``system:kube-proxy``
+        (bound to the ClusterRole ``system:node-proxier``): the lab's kube-proxies are not admin.
+        """
+        if self._pki is None:
+            raise ControlPlaneError("control plane not started")
+        pair = self._pki.issue(user, organizations=groups)
+        return _write(Path(path), _kubeconfig(self.url, self._pki.ca_pem, user, pair, user).encode())
+
     def _start_etcd(self) -> None:
         self.etcd_port = free_port()
         self.etcd_peer_port = free_port()
