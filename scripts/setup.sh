@@ -5,7 +5,9 @@ set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${LBAPPLIANCE_CACHE:-$HOME/.cache/lbappliance}"
 venv="$cache/venv"
-packages=(haproxy keepalived iproute2 nftables wrk procps python3-venv ca-certificates)
+# prometheus: promtool for the alert rule tests (about 20 MB download); faketime: the doctor's clock
+# check in the e2e; openssl: `enroll` makes the appliance's key and CSR with it.
+packages=(haproxy keepalived iproute2 nftables wrk procps python3-venv ca-certificates prometheus faketime openssl)
 
 missing=()
 for pkg in "${packages[@]}"; do
