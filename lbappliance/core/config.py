@@ -186,6 +186,10 @@ class HealthCheckConfig(_Strict):
     interval_ms: int = Field(default=1000, alias="intervalMilliseconds", ge=100, le=60000)
     fall: int = Field(default=2, ge=1, le=10)
     rise: int = Field(default=2, ge=1, le=10)
+    # How long the sessions on a node that says it is draining (kube-proxy /healthz 503: the
+    # autoscaler's taint, a deletion) or that left the cluster may go on before they are cut. A
+    # node that stopped answering has its sessions cut at once (core/health.py).
+    drain_timeout_seconds: int = Field(default=300, alias="drainTimeoutSeconds", ge=0, le=86400)
 
 
 class HaproxySettings(_Strict):

@@ -12,7 +12,8 @@ reloads (a new node) checks for itself until the next reload renders it as a tra
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from .models import FAMILY_TAG, Backend, DesiredState, Server, family_of, parse_address
 
@@ -71,3 +72,62 @@ def monitors_for(backends: Iterable[Backend]) -> tuple[Backend, ...]:
                 affinity_timeout=None, family=family_of(parse_address(server.address)))
         for name, (backend, server) in sorted(first.items())
     )
+
+
+# ---- draining versus dead ---------------------------------------------------------------------
+# A node that *says* it is going away (kube-proxy's /healthz answers 503 once the node carries the
+# ToBeDeletedByClusterAutoscaler taint or is being deleted) gets no new connections, and its
+# established ones go on until they end or the drain timeout; a node that stopped answering (a
+# refused or timed-out check) has its sessions cut at once: they are dead anyway, and clients learn
+# it now instead of at their timeout. HAProxy's own `on-marked-down shutdown-sessions` cannot tell
+# the two apart, so the daemon decides from each check's status.
+
+ServerKey = tuple[str, str]  # (backend, server)
+
+
+def says_draining(check_status: str) -> bool:
+    """The node answered its check, with a status other than 200 (HAProxy's L7STS)."""
+    return check_status.strip().upper().startswith("L7STS")
+
+
+def trackers(state: DesiredState) -> dict[ServerKey, tuple[ServerKey, ...]]:
+    """(monitor, node) -> the Service servers that follow that node's check."""
+    out: dict[ServerKey, list[ServerKey]] = {}
+    for backend in service_backends(state):
+        for server in backend.servers:
+            out.setdefault((monitor_name(backend.check_port, server), server.name), []).append(
+                (backend.name, server.name))
+    return {key: tuple(value) for key, value in out.items()}
+
+
+@dataclass(frozen=True)
+class DrainState:
+    """When each DOWN check was first seen draining, and which checks' sessions were cut already."""
+
+    draining_since: Mapping[ServerKey, float] = field(default_factory=dict)
+    cut: frozenset[ServerKey] = frozenset()
+
+
+def sessions_to_cut(checks: Mapping[ServerKey, tuple[str, str]], follow: Mapping[ServerKey, tuple[ServerKey, ...]],
+                    before: DrainState, now: float, drain_timeout: float) -> tuple[tuple[ServerKey, ...], DrainState]:
+    """The servers whose sessions to shut down now, from each check's (status, check_status).
+
+    `checks` holds the servers that check (monitors and self-checking servers); a monitor's cut
+    applies to the Service servers that `follow` it. A check back UP forgets its history.
+    """
+    since: dict[ServerKey, float] = {}
+    cut: set[ServerKey] = set()
+    now_cut: list[ServerKey] = []
+    for key, (status, check_status) in sorted(checks.items()):
+        if status != "DOWN":
+            continue
+        if says_draining(check_status):
+            since[key] = before.draining_since.get(key, now)
+            due = now - since[key] >= drain_timeout
+        else:
+            due = True
+        if due:
+            cut.add(key)
+            if key not in before.cut:
+                now_cut.extend(follow.get(key, ()) if is_monitor_name(key[0]) else (key,))
+    return tuple(now_cut), DrainState(since, frozenset(cut))

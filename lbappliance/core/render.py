@@ -58,8 +58,11 @@ def _with_proxy_protocol(backend: Backend, options: str) -> str:
 
 
 def server_defaults(health: HealthCheckConfig) -> str:
-    """The template's `default-server` line; `add server` ignores it, so the runtime API repeats it."""
-    return f"inter {health.interval_ms}ms fall {health.fall} rise {health.rise} on-marked-down shutdown-sessions"
+    """The template's `default-server` line; `add server` ignores it, so the runtime API repeats it.
+
+    No `on-marked-down shutdown-sessions`: it cannot tell a draining node from a dead one, so the
+    daemon cuts sessions itself (`core/health.sessions_to_cut`)."""
+    return f"inter {health.interval_ms}ms fall {health.fall} rise {health.rise}"
 
 
 def server_target(server: Server, port: int) -> str:

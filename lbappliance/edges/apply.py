@@ -13,13 +13,14 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from lbappliance.core.changes import Change, classify
 from lbappliance.core.config import ApplianceConfig
+from lbappliance.core.health import DrainState, is_monitor_name, sessions_to_cut, trackers
 from lbappliance.core.models import DesiredState
 from lbappliance.core.render import RenderedConfigs, render, server_defaults, services_on_lines
 
@@ -62,6 +63,8 @@ class DataPlane:
     counts: Counter[str] = field(default_factory=Counter)
     _last: DesiredState | None = field(default=None, repr=False)
     _servers: ServerChanges = field(default_factory=ServerChanges, repr=False)
+    _trackers: Mapping[tuple[str, str], tuple[tuple[str, str], ...]] = field(default_factory=dict, repr=False)
+    _drain: DrainState = field(default_factory=DrainState, repr=False)
     # A reload moved HAProxy's paths: the next apply starts a master on the new ones, which takes
     # over this one's sockets; masters handed over finish their connections and are reaped here.
     _moved_from: HAProxy | None = field(default=None, repr=False)
@@ -153,6 +156,7 @@ class DataPlane:
             return ApplyResult("rejected", message=rejected, seconds=time.monotonic() - start,
                                refused_services=refusal[1] if refusal else frozenset())
         change = self._classify(state, hap_new)
+        self._servers.drain_timeout = self.config.health_check.drain_timeout_seconds
         try:
             kind, message = self._apply_haproxy(change, hap_new)
             if ka_new:
@@ -164,6 +168,7 @@ class DataPlane:
             log.error("apply failed: %s", exc)
             return ApplyResult("failed", change, message=str(exc), seconds=time.monotonic() - start)
         self._last = state
+        self._trackers = trackers(state)
         self.counts[kind] += 1
         if ka_reloaded:
             self.counts["keepalived_reload"] += 1
@@ -184,8 +189,23 @@ class DataPlane:
         return change
 
     def sync_health(self) -> bool:
-        """Between passes: the UDP forwarding maps follow HAProxy's health checks (`UdpForwarding.sync`)."""
-        return self.udp.sync()
+        """Between passes, from one `show stat`: the UDP forwarding maps follow HAProxy's health
+        checks (`UdpForwarding.sync`), and the sessions of nodes that died, or whose drain timed
+        out, are cut (`core/health.sessions_to_cut`). True when the UDP ruleset was reloaded."""
+        try:
+            checks = self.haproxy.server_checks()
+        except (HaproxyError, OSError):
+            return self.udp.sync()  # the last known health stands
+        reloaded = self.udp.sync({key: status for key, (status, _check) in checks.items()})
+        checking = {key: value for key, value in checks.items() if value[1] or is_monitor_name(key[0])}
+        cuts, self._drain = sessions_to_cut(checking, self._trackers, self._drain, time.monotonic(),
+                                            self.config.health_check.drain_timeout_seconds)
+        for backend, server in cuts:
+            log.info("%s/%s: its node stopped answering (or its drain timed out); ending its sessions",
+                     backend, server)
+            with contextlib.suppress(HaproxyError, OSError):
+                self.haproxy.shutdown_sessions(backend, server)
+        return reloaded
 
     def udp_map(self) -> dict[str, tuple[str, ...]]:
         return self.udp.members()

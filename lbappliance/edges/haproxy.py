@@ -276,22 +276,33 @@ class HAProxy:
         return 0
 
     def server_states(self) -> dict[tuple[str, str], str]:
-        """(backend, server) -> UP/DOWN/MAINT/DRAIN from `show stat` of the current worker.
+        """(backend, server) -> UP/DOWN/MAINT/DRAIN from `show stat` of the current worker."""
+        return {key: status for key, (status, _check) in self.server_checks().items()}
+
+    def server_checks(self) -> dict[tuple[str, str], tuple[str, str]]:
+        """(backend, server) -> (UP/DOWN/MAINT/DRAIN, its check's status such as L7STS or L4TOUT;
+        empty for a server that tracks another instead of checking), from one `show stat`.
 
         Servers only (`-1 4 -1`): at 1,000 Services that is 3,000 of 5,000 rows and half the time.
         """
-        out: dict[tuple[str, str], str] = {}
+        out: dict[tuple[str, str], tuple[str, str]] = {}
         lines = self.runtime("show stat -1 4 -1").splitlines()
         if not lines:
             return out
         header = lines[0].lstrip("# ").split(",")
         col = {name: i for i, name in enumerate(header)}
+        status_at, check_at = col["status"], col.get("check_status", -1)
         for line in lines[1:]:
             fields = line.split(",")
-            if len(fields) <= col["status"] or fields[1] in ("FRONTEND", "BACKEND", ""):
+            if len(fields) <= max(status_at, check_at) or fields[1] in ("FRONTEND", "BACKEND", ""):
                 continue
-            out[(fields[0], fields[1])] = normalise_status(fields[col["status"]])
+            check = fields[check_at].lstrip("* ") if check_at >= 0 else ""
+            out[(fields[0], fields[1])] = (normalise_status(fields[status_at]), check)
         return out
+
+    def shutdown_sessions(self, backend: str, name: str) -> None:
+        """End every session of one server now (a dead node's, or a drain that timed out)."""
+        self._expect(f"shutdown sessions server {backend}/{name}", ("", "No such server."))
 
     def stat_rows(self, selector: str = "") -> list[dict[str, str]]:
         """`show stat [selector]` as dicts (counters for tests and metrics)."""

@@ -14,14 +14,13 @@ import signal
 import stat
 import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.render import EXTERNAL_SCRIPT_USER, VRRP_STATES, check_command, notify_command
 from .files import read_text
-from .processes import spawn_logged, stop_child, wait_ready
+from .processes import alive, kill_group, signal_and_wait, spawn_logged, stop_child, wait_ready
 
 
 class KeepalivedError(RuntimeError):
@@ -76,12 +75,12 @@ class Keepalived:
 
     def running(self) -> bool:
         pid = self.main_pid()
-        return pid is not None and _alive(pid) and not (self.proc is not None and self.proc.poll() is not None)
+        return pid is not None and alive(pid) and not (self.proc is not None and self.proc.poll() is not None)
 
     def reload(self) -> None:
         """SIGHUP: keepalived re-reads its config; VRRP instances that did not change keep their state."""
         pid = self.main_pid()
-        if pid is None or not _alive(pid):
+        if pid is None or not alive(pid):
             raise KeepalivedError("keepalived is not running; cannot reload")
         os.kill(pid, signal.SIGHUP)
 
@@ -103,11 +102,7 @@ class Keepalived:
         pid = self.main_pid()
         if pid is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        signal_and_wait(pid, signal.SIGTERM, timeout)
 
     def kill(self) -> None:
         """SIGKILL parent and VRRP child together: a hard failure, no goodbye advert."""
@@ -116,8 +111,7 @@ class Keepalived:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            kill_group(self.proc.pid)
             self.proc.wait(10)
 
     def transitions(self) -> list[tuple[str, str]]:
@@ -337,16 +331,6 @@ def _read_pid(path: str) -> int | None:
         return int(read_text(Path(path)).split()[0])
     except (OSError, ValueError, IndexError):
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a root keepalived seen from the unprivileged daemon: it exists
-        return True
-    return True
 
 
 if __name__ == "__main__":

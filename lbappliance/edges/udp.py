@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from lbappliance.core.models import UdpForward
@@ -32,9 +32,9 @@ class UdpForwarding:
     _health: Health | None = field(default=None, repr=False)
     _loaded: str | None = field(default=None, repr=False)
 
-    def ruleset(self, forwards: tuple[UdpForward, ...]) -> str:
-        """The ruleset text for `forwards` with HAProxy's health of now (one `show stat`)."""
-        return render_nft(forwards, self._read_health(forwards))
+    def ruleset(self, forwards: tuple[UdpForward, ...], states: Mapping[tuple[str, str], str] | None = None) -> str:
+        """The ruleset text for `forwards` with HAProxy's health of now (`states`, else one `show stat`)."""
+        return render_nft(forwards, self._read_health(forwards, states))
 
     def check(self, forwards: tuple[UdpForward, ...], text: str) -> str | None:
         """`nft -c` on `text` (inside the box's namespace: the check talks to its kernel); None if ok."""
@@ -59,7 +59,7 @@ class UdpForwarding:
         self.counts["nft_load"] += 1
         return True
 
-    def sync(self) -> bool:
+    def sync(self, states: Mapping[tuple[str, str], str] | None = None) -> bool:
         """Follow HAProxy's latest health-check results, between passes (about once per check
         interval). Cheap: nothing without UDP forwards, else one `show stat` and `nft -f` only when
         the set of UP nodes of some forward changed. Never raises: a refused ruleset is logged and
@@ -67,7 +67,7 @@ class UdpForwarding:
         if not self.forwards and self._loaded is None:
             return False
         try:
-            return self.load(self.forwards, self.ruleset(self.forwards))
+            return self.load(self.forwards, self.ruleset(self.forwards, states))
         except (NftError, OSError) as exc:
             self.counts["nft_failed"] += 1
             log.error("UDP forwarding update failed; the previous ruleset stays live: %s", exc)
@@ -83,7 +83,8 @@ class UdpForwarding:
             self.nft.remove()
         self._loaded = None
 
-    def _read_health(self, forwards: tuple[UdpForward, ...]) -> Health | None:
+    def _read_health(self, forwards: tuple[UdpForward, ...],
+                     states: Mapping[tuple[str, str], str] | None = None) -> Health | None:
         """backend -> UP servers, for the check-only backends of `forwards`.
 
         A backend HAProxy does not report yet (a reload in flight) is left out, which counts all
@@ -92,10 +93,11 @@ class UdpForwarding:
         """
         if not forwards:
             return {}
-        try:
-            states = self.server_states()
-        except (HaproxyError, OSError):
-            return self._health
+        if states is None:
+            try:
+                states = self.server_states()
+            except (HaproxyError, OSError):
+                return self._health
         wanted = {u.backend.name for u in forwards}
         known = {backend for backend, _ in states} & wanted
         health = {backend: frozenset(server for (b, server), st in states.items() if b == backend and st == "UP")

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from lbappliance.edges.haproxy import HaproxyError, ProcTable, parse_show_proc, socket_command
+from lbappliance.edges.processes import alive
 from lbappliance.testing.appliances import Appliance
 from lbappliance.testing.prober import Probe, target
 from lbappliance.testing.wait import wait_for
@@ -84,14 +85,6 @@ def _listening(address: str) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_sighup_moves_state_dir_metrics_and_check_interval_without_dropping_a_request(env: dict[str, Any]) -> None:
     core, lab, apps = env["core"], env["lab"], env["apps"]
     ns = f"rl-{uuid.uuid4().hex[:6]}"
@@ -127,7 +120,7 @@ def test_sighup_moves_state_dir_metrics_and_check_interval_without_dropping_a_re
             assert _master_pid(new_state) != before[app.name][1]
             assert "inter 700ms" in Path(app.config["paths"]["haproxyConfig"]).read_text()
             assert old_pid is not None
-            wait_for(lambda pid=old_pid: not _alive(pid), 20, what=f"{app.name}'s old haproxy master gone")
+            wait_for(lambda pid=old_pid: not alive(pid), 20, what=f"{app.name}'s old haproxy master gone")
             # ... keepalived still the same process, its pid files and VRRP states moved along ...
             assert (new_state / "keepalived.pid").exists() and list(new_state.glob("vrrp-*.state"))
             # ... and status.json written there by the next passes.

@@ -313,3 +313,92 @@ while time.monotonic() < end:  # a request every 5 s keeps the node's keep-alive
     time.sleep(5)
 """
 
+
+
+# A connection that reports, once a second, who answered it or that it was closed.
+_REPORTING_HOLD = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    try:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = s.recv(4096)
+    except OSError as exc:
+        print("closed", exc, flush=True)
+        break
+    if not data:
+        print("closed by peer", flush=True)
+        break
+    print("answer", data.rsplit(b"\r\n\r\n", 1)[-1].decode().strip(), flush=True)
+    time.sleep(0.3)
+"""
+
+
+def _held_connection(lab: NetworkLab, seconds: int) -> tuple[subprocess.Popen[bytes], Path, str]:
+    """A long-lived connection through the VIP, and the node it landed on."""
+    name = f"held-{time.monotonic_ns()}"
+    proc = lab.spawn("client", ["python3", "-c", _REPORTING_HOLD, VIP, "80", str(seconds)], name)
+    log = lab.log_path(name)
+
+    def node() -> str | None:
+        answers = [line.split()[1] for line in _lines(log) if line.startswith("answer ")]
+        return answers[0] if answers else None
+
+    assert holds_within(lambda: node() is not None, 10), _lines(log)
+    return proc, log, node() or ""
+
+
+def _lines(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def _follow_health(dp: DataPlane, seconds: float) -> None:
+    """What the daemon does between passes, for `seconds`."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        dp.sync_health()
+        time.sleep(0.1)
+
+
+def test_a_draining_node_keeps_established_sessions_until_the_drain_timeout(
+        served_lab: NetworkLab, plane: tuple[DataPlane, ApplianceConfig]) -> None:
+    """kube-proxy's /healthz answers 503 on a node that is going away: no new connections go
+    there, and an established one carries on (here until a 3 s drain timeout)."""
+    dp, config = plane
+    dp.reload(config.model_copy(update={"health_check": config.health_check.model_copy(
+        update={"drain_timeout_seconds": 3})}))
+    proc, log, node = _held_connection(served_lab, 60)
+    backend = "be_default_web_tcp80_v4"
+    try:
+        served_lab.set_health(node, 10256, healthy=False)  # 503: the node says it drains
+        assert holds_within(lambda: dp.server_health()[(backend, node)] == "DOWN", 10, 0.05)
+        marked = time.monotonic()
+        _follow_health(dp, 2.0)
+        assert not any(line.startswith("closed") for line in _lines(log)), _lines(log)
+        answered = sum(1 for line in _lines(log) if line == f"answer {node}")
+        assert node not in node_counts(served_lab, f"http://{VIP}/", 6)
+        _follow_health(dp, max(0.0, 3.0 - (time.monotonic() - marked)) + 1.5)
+        assert any(line.startswith("closed") for line in _lines(log)), "the drain timeout must end the session"
+        assert answered >= 4, "the session went on while the node drained"
+    finally:
+        served_lab.set_health(node, 10256, healthy=True)
+        served_lab.stop(proc)
+
+
+def test_a_node_that_stops_answering_has_its_sessions_cut_at_once(
+        served_lab: NetworkLab, plane: tuple[DataPlane, ApplianceConfig]) -> None:
+    dp, _config = plane
+    proc, log, node = _held_connection(served_lab, 60)
+    backend = "be_default_web_tcp80_v4"
+    drop = ("add table inet lbt_drop; add chain inet lbt_drop in { type filter hook input priority 0 ; }; "
+            "add rule inet lbt_drop in tcp dport 10256 drop")
+    try:
+        served_lab.exec(node, ["nft", drop])  # its checks now time out: the node looks dead
+        assert holds_within(lambda: dp.server_health()[(backend, node)] == "DOWN", 15, 0.05)
+        _follow_health(dp, 1.5)
+        assert any(line.startswith("closed") for line in _lines(log)), _lines(log)
+    finally:
+        served_lab.exec(node, ["nft", "delete", "table", "inet", "lbt_drop"], check=False)
+        served_lab.stop(proc)
+    assert holds_within(lambda: dp.server_health()[(backend, node)] == "UP", 15)

@@ -212,8 +212,13 @@ def test_hostile_config_fields_are_refused_by_check(field: str) -> None:
     service = service_from_object(service_object())
     node = node_from_object(node_object())
 
+    strategy = hostile(prefixes)
+    if field.startswith("paths."):
+        # "/" is a breaker elsewhere, but `/run/lbappliance/zqhostile` is a fine path: not hostile.
+        strategy = strategy.filter(lambda v: not re.fullmatch(r"/[\w./-]*", v, re.ASCII))
+
     @PROPERTY
-    @given(hostile(prefixes))
+    @given(strategy)
     def check(value: str) -> None:
         data = config_data()
         target = data
