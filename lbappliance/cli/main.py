@@ -12,6 +12,7 @@ import click
 
 from ..core import yamlsafe
 from ..core.kube import items_of, parse_objects
+from ..core.nft import render_nft
 from ..core.plan import Snapshot, desired_state
 from ..core.render import render as render_configs
 from ..edges.files import atomic_write, read_bytes
@@ -101,9 +102,12 @@ def _problems_text(problems: Any) -> str:
 @pools_option
 def render(services_path: Path, nodes_path: Path, out_dir: Path, strict: bool, config_path: Path,
            pools_path: Path | None) -> None:
-    """Render haproxy.cfg and keepalived.conf offline from saved cluster objects.
+    """Render haproxy.cfg, keepalived.conf and the nftables ruleset offline from saved cluster objects,
+    and list every port served and how (HAProxy for TCP, nftables DNAT for UDP).
 
     An object that cannot be read is reported (`skipped: ...`) and left out, as the daemon does.
+    Offline, every eligible node counts as healthy (the daemon puts only the nodes HAProxy's
+    checks report UP into the UDP map).
     """
     config = load_config(config_path)
     pools = load_pool_list(config, pools_path_for(config, pools_path))
@@ -113,18 +117,32 @@ def render(services_path: Path, nodes_path: Path, out_dir: Path, strict: bool, c
     _, state = desired_state(Snapshot(tuple(services), tuple(nodes), pools, config))
     rendered = render_configs(state, config)
     _report_skipped(skipped)
+    files = {"haproxy.cfg": rendered.haproxy, "keepalived.conf": rendered.keepalived,
+             "nftables.nft": render_nft(state.udp)}
     try:
-        atomic_write(out_dir / "haproxy.cfg", rendered.haproxy)
-        atomic_write(out_dir / "keepalived.conf", rendered.keepalived)
+        for name, text in files.items():
+            atomic_write(out_dir / name, text)
     except OSError as exc:
         fail(f"{out_dir}: cannot write: {exc.strerror or exc}")
     for key, vips in sorted(state.served.items()):
         click.echo(f"{key}: {', '.join(vips)}")
+    rows = served_ports(state)
+    if rows:
+        click.echo(table(rows, ("service", "address", "port", "how", "to")))
     if state.problems:
         click.echo(_problems_text(state.problems), err=True)
-    click.echo(f"wrote {out_dir / 'haproxy.cfg'} and {out_dir / 'keepalived.conf'}")
+    click.echo("wrote " + ", ".join(str(out_dir / name) for name in files))
     if strict and (state.problems or skipped):
         raise SystemExit(2)
+
+
+def served_ports(state: Any) -> list[dict[str, Any]]:
+    """One row per (Service, VIP, port): TCP through HAProxy, UDP through nftables DNAT, to which NodePort."""
+    rows = [{"service": f.service, "address": f.vip, "port": f"{f.port}/TCP", "how": "haproxy",
+             "to": f"{len(f.backend.servers)} nodes :{f.backend.port}"} for f in state.frontends]
+    rows += [{"service": u.service, "address": u.vip, "port": f"{u.port}/UDP", "how": "nftables dnat",
+              "to": f"{len(u.backend.servers)} nodes :{u.backend.port}"} for u in state.udp]
+    return sorted(rows, key=lambda r: (r["service"], r["address"], r["port"]))
 
 
 @cli.command()
