@@ -46,17 +46,27 @@ class ServerReaddress:
 
 
 @dataclass(frozen=True)
+class ServerReweight:
+    """`set server <backend>/<name> weight <weight>`: a `Local` Service's endpoints moved."""
+
+    backend: str
+    name: str
+    weight: int
+
+
+@dataclass(frozen=True)
 class Change:
     kind: ChangeKind
     adds: tuple[ServerAdd, ...] = ()
     removes: tuple[ServerRemove, ...] = ()
     readdresses: tuple[ServerReaddress, ...] = ()
+    reweights: tuple[ServerReweight, ...] = ()
     keepalived_changed: bool = False
     reasons: tuple[str, ...] = ()
 
     @property
     def runtime_ops(self) -> int:
-        return len(self.adds) + len(self.removes) + len(self.readdresses)
+        return len(self.adds) + len(self.removes) + len(self.readdresses) + len(self.reweights)
 
 
 def _skeleton(frontend: Frontend) -> Frontend:
@@ -109,7 +119,8 @@ def _check_addresses(state: DesiredState) -> dict[tuple[str, str], str | None]:
     return {(b.name, s.name): s.check_address for b in _backends(state).values() for s in b.servers}
 
 
-def _server_diff(old: Backend, new: Backend) -> tuple[list[ServerAdd], list[ServerRemove], list[ServerReaddress]]:
+def _server_diff(old: Backend, new: Backend) -> tuple[list[ServerAdd], list[ServerRemove], list[ServerReaddress],
+                                                      list[ServerReweight]]:
     before = {s.name: s for s in old.servers}
     after = {s.name: s for s in new.servers}
     adds = [ServerAdd(new.name, n, server_target(after[n], new.port), server_options(new, after[n]))
@@ -117,7 +128,9 @@ def _server_diff(old: Backend, new: Backend) -> tuple[list[ServerAdd], list[Serv
     removes = [ServerRemove(new.name, n) for n in sorted(before.keys() - after.keys())]
     moves = [ServerReaddress(new.name, n, after[n].address, new.port)
              for n in sorted(before.keys() & after.keys()) if before[n].address != after[n].address]
-    return adds, removes, moves
+    weights = [ServerReweight(new.name, n, after[n].weight or 1)
+               for n in sorted(before.keys() & after.keys()) if before[n].weight != after[n].weight]
+    return adds, removes, moves, weights
 
 
 def runtime_changes(old: DesiredState, new: DesiredState) -> Change:
@@ -125,14 +138,16 @@ def runtime_changes(old: DesiredState, new: DesiredState) -> Change:
     adds: list[ServerAdd] = []
     removes: list[ServerRemove] = []
     moves: list[ServerReaddress] = []
+    weights: list[ServerReweight] = []
     old_be = _backends(old)
     for name, backend in sorted(_backends(new).items()):
-        a, r, m = _server_diff(old_be[name], backend)
+        a, r, m, w = _server_diff(old_be[name], backend)
         adds += a
         removes += r
         moves += m
-    kind: ChangeKind = "runtime" if adds or removes or moves else "noop"
-    return Change(kind, tuple(adds), tuple(removes), tuple(moves))
+        weights += w
+    kind: ChangeKind = "runtime" if adds or removes or moves or weights else "noop"
+    return Change(kind, tuple(adds), tuple(removes), tuple(moves), tuple(weights))
 
 
 def classify(old: DesiredState | None, new: DesiredState) -> Change:

@@ -14,10 +14,13 @@ from .models import (
     LABEL_EXCLUDE,
     TAINT_AUTOSCALER_DELETE,
     DesiredState,
+    Family,
     Node,
     Service,
     ServicePort,
 )
+
+LABEL_SERVICE_NAME = "kubernetes.io/service-name"  # an EndpointSlice's Service
 
 
 class ObjectError(ValueError):
@@ -317,3 +320,37 @@ def releasable(service: Service, load_balancer_class: str | None, users: Mapping
 def must_clear_status(service: Service, load_balancer_class: str | None) -> bool:
     """Before its finalizer goes, a Service that stays (its type changed) loses its addresses too."""
     return bool(service.ingress_ips) and not service.deleting and not is_handled(service, load_balancer_class)
+
+
+def endpoint_counts(slices: Iterable[Mapping[str, Any]]) -> dict[str, dict[Family, dict[str, int]]]:
+    """Service key -> family -> node -> ready endpoints there, from EndpointSlices.
+
+    Only counts come out (node names serve as keys to Nodes we already know, never as text to
+    render), and whatever is malformed is skipped: a slice the API server accepted is the
+    EndpointSlice controller's, but a hostile writer's slice must cost no more than its own counts.
+    An endpoint whose `ready` condition is unset counts as ready, as the API documents.
+    """
+    counts: dict[str, dict[Family, dict[str, int]]] = {}
+    for piece in slices:
+        meta = piece.get("metadata")
+        labels = meta.get("labels") if isinstance(meta, Mapping) else None
+        if not isinstance(meta, Mapping) or not isinstance(labels, Mapping):
+            continue
+        family = piece.get("addressType")
+        try:
+            key = f"{canonical.dns_label(meta.get('namespace'))}/{canonical.dns_label(labels.get(LABEL_SERVICE_NAME))}"
+        except canonical.Invalid:
+            continue
+        if family not in ("IPv4", "IPv6"):
+            continue  # FQDN slices carry no node endpoints
+        per_node = counts.setdefault(key, {}).setdefault(family, {})
+        for endpoint in piece.get("endpoints") or []:
+            if not isinstance(endpoint, Mapping):
+                continue
+            conditions = endpoint.get("conditions")
+            ready = conditions.get("ready") if isinstance(conditions, Mapping) else None
+            node = endpoint.get("nodeName")
+            if ready is False or not isinstance(node, str) or len(node) > 253:
+                continue
+            per_node[node] = per_node.get(node, 0) + 1
+    return counts

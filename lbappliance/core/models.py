@@ -219,6 +219,8 @@ class Server:
     # Where the node answers this server's health check, when not at `address`: kube-proxy's
     # healthCheckNodePort listens only on the node's primary address of the Service's family.
     check_address: str | None = None
+    # A `Local` Service's share for this node: its ready local endpoints (None: HAProxy's default).
+    weight: int | None = None
 
 
 @dataclass(frozen=True)

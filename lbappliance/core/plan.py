@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from . import canonical
@@ -58,6 +58,8 @@ class Snapshot:
     nodes: tuple[Node, ...]
     pools: tuple[Pool, ...]
     config: ApplianceConfig
+    # Service key -> family -> node -> ready endpoints there (from EndpointSlices; see core/kube.py).
+    endpoints: Mapping[str, Mapping[Family, Mapping[str, int]]] = field(default_factory=dict)
 
 
 def node_address(node: Node, family: Family, preference: Sequence[str]) -> str | None:
@@ -160,7 +162,8 @@ def vrrp_pin(service: Service, instances: int) -> tuple[int | None, str | None]:
 
 
 def plan_service(
-    service: Service, vips: Sequence[str], targets: Mapping[Family, tuple[Server, ...]], instances: int = 1
+    service: Service, vips: Sequence[str], targets: Mapping[Family, tuple[Server, ...]], instances: int = 1,
+    endpoints: Mapping[Family, Mapping[str, int]] | None = None,
 ) -> ServicePlan:
     """Frontends (TCP) and forwards (UDP) for one Service on its VIPs, or the problems that stop it."""
     problems: list[Problem] = []
@@ -217,6 +220,8 @@ def plan_service(
             primary = families_primary(service, vips)
             if local and families != {family} and family != primary:
                 servers = _checked_at(servers, targets[primary], primary)
+            if local and endpoints:
+                servers = weighted(servers, endpoints.get(family) or next(iter(endpoints.values())))
             backend = Backend(
                 name=f"be_{name}",
                 servers=servers,
@@ -257,6 +262,16 @@ def _checked_at(servers: tuple[Server, ...], primary: tuple[Server, ...], family
     at = {s.name: s.address for s in primary if parse_address(s.address).version == version}
     return tuple(s if parse_address(s.address).version == version else replace(s, check_address=at[s.name])
                  for s in servers if s.name in at)
+
+
+MAX_WEIGHT = 256  # HAProxy's highest server weight
+
+
+def weighted(servers: tuple[Server, ...], ready: Mapping[str, int]) -> tuple[Server, ...]:
+    """Each node's weight is its count of ready local endpoints, so every pod of a `Local` Service
+    gets an even share (per node, a node with 1 pod got as much as one with 5). A node without one
+    keeps weight 1: its health check (kube-proxy's 503) takes it out, not a weight of 0."""
+    return tuple(replace(s, weight=min(MAX_WEIGHT, max(1, ready.get(s.name, 0)))) for s in servers)
 
 
 def _same_family(servers: tuple[Server, ...], family: Family) -> tuple[Server, ...]:
@@ -327,7 +342,8 @@ def plan(snapshot: Snapshot, allocation: Allocation) -> DesiredState:
     targets = backend_targets(snapshot.nodes, snapshot.config.cluster.node_address_types)
     for key in sorted(allocation.assignments):
         service = services[key]
-        result = plan_service(service, allocation.assignments[key], targets, instances)
+        result = plan_service(service, allocation.assignments[key], targets, instances,
+                              snapshot.endpoints.get(key))
         problems.extend(result.problems)
         if result.frontends or result.udp:
             frontends.extend(result.frontends)

@@ -40,7 +40,7 @@ def _environment() -> jinja2.Environment:
 def server_options(backend: Backend, server: Server | None = None) -> str:
     """Options of a server that checks for itself: monitors' servers, and the ones `add server`
     creates at runtime (HAProxy cannot make those track a monitor)."""
-    return _with_proxy_protocol(backend, f"check port {backend.check_port}{check_addr(server)}")
+    return _with_proxy_protocol(backend, f"check port {backend.check_port}{check_addr(server)}{weight_option(server)}")
 
 
 def check_addr(server: Server | None) -> str:
@@ -50,7 +50,12 @@ def check_addr(server: Server | None) -> str:
 
 def tracking_options(backend: Backend, server: Server) -> str:
     """Options of a rendered Service server: it follows its node's monitor instead of checking."""
-    return _with_proxy_protocol(backend, f"track {monitor_name(backend.check_port, server)}/{server.name}")
+    return _with_proxy_protocol(backend, f"track {monitor_name(backend.check_port, server)}/{server.name}"
+                                         f"{weight_option(server)}")
+
+
+def weight_option(server: Server | None) -> str:
+    return f" weight {server.weight}" if server is not None and server.weight is not None else ""
 
 
 def _with_proxy_protocol(backend: Backend, options: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -18,7 +19,7 @@ from typing import Protocol
 from ..core.config import ApplianceConfig
 from ..core.ipam import allocate
 from ..core.kube import Unreadable
-from ..core.models import Allocation, DesiredState, Node, Pool, Problem, Reason, Service
+from ..core.models import Allocation, DesiredState, Family, Node, Pool, Problem, Reason, Service
 from ..core.perf import gc_paused
 from ..core.plan import Snapshot, plan
 from ..core.report import REJECTED_KINDS, PassVerdict, describe_apply, recorded_state
@@ -36,6 +37,7 @@ log = logging.getLogger("lbappliance.daemon")
 class ClusterReader(Protocol):
     def services(self) -> Parsed: ...
     def nodes(self) -> Parsed: ...
+    def endpoints(self) -> Mapping[str, Mapping[Family, Mapping[str, int]]]: ...
 
 
 class DataPlanePort(Applier, BoxViews, Protocol):
@@ -95,7 +97,7 @@ class Reconciler:
             return PassVerdict(leader)
         services, nodes = self._read(leader)
         allocation = allocate(pools, list(services), config.cluster.load_balancer_class)
-        snapshot = Snapshot(services, nodes, pools, config)
+        snapshot = Snapshot(services, nodes, pools, config, self.cluster.endpoints())
         proposed = plan(snapshot, allocation)
         wrote = 0
         if leader:

@@ -30,12 +30,13 @@ from ..core.kube import (
     ParsedObjects,
     Patch,
     Unreadable,
+    endpoint_counts,
     finalizer_patch,
     ingress_patch,
     publish_patch,
     service_from_object,
 )
-from ..core.models import FINALIZER, Reason, Service
+from ..core.models import FINALIZER, Family, Reason, Service
 
 log = logging.getLogger(__name__)
 COMPONENT = "lbappliance"
@@ -449,6 +450,10 @@ class Cluster:
         core = client.CoreV1Api(api)
         self._services = Informer("services", core.list_service_for_all_namespaces, on_change)
         self._nodes = Informer("nodes", core.list_node, on_change)
+        # Ready endpoints per node weigh `Local` Services' servers; without them (an older RBAC)
+        # every node weighs the same, as before.
+        self._slices = Informer("endpointslices", client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces,
+                                on_change)
         self._parsed_services, self._parsed_nodes = ParsedObjects("Service"), ParsedObjects("Node")
         self.publisher = Publisher(api, identity, self._services.update_local)
 
@@ -460,13 +465,17 @@ class Cluster:
         items, errors = self._parsed_nodes.parse(self._nodes.items())
         return Parsed(tuple(items), tuple(errors))
 
+    def endpoints(self) -> dict[str, dict[Family, dict[str, int]]]:
+        """Service key -> family -> node -> ready endpoints (`core/kube.endpoint_counts`)."""
+        return endpoint_counts(self._slices.items())
+
     def start(self) -> None:
-        self._services.start()
-        self._nodes.start()
+        for informer in (self._services, self._nodes, self._slices):
+            informer.start()
 
     def stop(self) -> None:
-        self._services.stop()
-        self._nodes.stop()
+        for informer in (self._services, self._nodes, self._slices):
+            informer.stop()
 
     def wait_synced(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -474,4 +483,4 @@ class Cluster:
 
     @property
     def requests(self) -> int:
-        return self._services.requests + self._nodes.requests + self.publisher.requests
+        return self._services.requests + self._nodes.requests + self._slices.requests + self.publisher.requests

@@ -245,6 +245,9 @@ class HAProxy:
     def set_address(self, backend: str, name: str, address: str, port: int) -> None:
         self._expect(f"set server {backend}/{name} addr {address} port {port}", ("IP changed", "no need to change"))
 
+    def set_weight(self, backend: str, name: str, weight: int) -> None:
+        self._expect(f"set server {backend}/{name} weight {int(weight)}")
+
     def remove_server(self, backend: str, name: str) -> bool:
         """Drain, and delete once no session is left; False while it still has some (retry later).
 

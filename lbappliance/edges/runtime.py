@@ -39,6 +39,8 @@ class ServerChanges:
                 _add_server(haproxy, op.backend, op.name, op.target, f"{op.options} {extra_options}")
         for move in change.readdresses:
             haproxy.set_address(move.backend, move.name, move.address, move.port)
+        for reweight in change.reweights:
+            haproxy.set_weight(reweight.backend, reweight.name, reweight.weight)
         for rm in change.removes:
             self.pending.add((rm.backend, rm.name))
             self._since.setdefault((rm.backend, rm.name), self.clock())

@@ -222,8 +222,9 @@ def test_appliance_identity_is_least_privilege(
     )
     assert out.metadata.finalizers == [CLEANUP_FINALIZER]
 
-    # nodes
+    # nodes, and the EndpointSlices that weigh Local Services' servers
     core.list_node()
+    client.DiscoveryV1Api(core.api_client).list_endpoint_slice_for_all_namespaces()
 
     # events, both APIs
     involved = {

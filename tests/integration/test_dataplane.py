@@ -402,3 +402,38 @@ def test_a_node_that_stops_answering_has_its_sessions_cut_at_once(
         served_lab.exec(node, ["nft", "delete", "table", "inet", "lbt_drop"], check=False)
         served_lab.stop(proc)
     assert holds_within(lambda: dp.server_health()[(backend, node)] == "UP", 15)
+
+
+def test_local_servers_are_weighted_by_ready_endpoints_through_the_runtime_api(
+        served_lab: NetworkLab, plane: tuple[DataPlane, ApplianceConfig]) -> None:
+    """node1 with 3 ready endpoints and node2 with 1 get 3:1 of the requests (per pod, even);
+    when the endpoints move, the weights follow without a reload."""
+    from lbappliance.core.models import Node
+    from lbappliance.core.plan import Snapshot, desired_state
+    from lbappliance.testing.planes import POOLS
+
+    dp, config = plane
+    from lbappliance.core.config import load_pools
+
+    local = Service("default", "local", creation="2", ports=(ServicePort("http", "TCP", 81, LOCAL_NODE_PORT),),
+                    ingress_ips=(VIP2,), external_traffic_policy="Local", health_check_node_port=HC_NODE_PORT,
+                    ip_families=("IPv4",))
+    nodes: tuple[Node, ...] = lab_nodes(served_lab, ["node1", "node2"])
+    pools = load_pools(POOLS, "pools.yaml", config.own_addresses())
+
+    def state(counts: dict[str, int]):  # type: ignore[no-untyped-def]
+        snapshot = Snapshot((web_service(), local), nodes, pools, config, {"default/local": {"IPv4": counts}})
+        return desired_state(snapshot)[1]
+
+    assert dp.apply(state({"node1": 3, "node2": 1})).kind == "reload"
+    backend = "be_default_local_tcp81_v4"
+    assert holds_within(lambda: all(dp.server_health().get((backend, n)) == "UP" for n in ("node1", "node2")), 10)
+    seen = node_counts(served_lab, f"http://{VIP2}:81/", 400)
+    print(f"\nweights 3:1 -> {seen}")
+    assert "error" not in seen and 0.65 <= seen.get("node1", 0) / 400 <= 0.85, seen
+    reloads = dp.counts["reload"]
+    assert dp.apply(state({"node1": 1, "node2": 1})).kind == "runtime"
+    assert dp.counts["reload"] == reloads
+    seen = node_counts(served_lab, f"http://{VIP2}:81/", 400)
+    print(f"weights 1:1 -> {seen}")
+    assert "error" not in seen and 0.4 <= seen.get("node1", 0) / 400 <= 0.6, seen

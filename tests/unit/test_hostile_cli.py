@@ -351,7 +351,7 @@ def test_new_pools_file_is_not_world_readable(tmp_path: Path) -> None:
 
 
 def test_rbac_grants_exactly_the_verbs_the_code_uses() -> None:
-    """What lbappliance/edges/cluster.py calls: list+watch Services and Nodes (informers), PATCH a Service
+    """What lbappliance/edges/cluster.py calls: list+watch Services, Nodes and EndpointSlices (informers), PATCH a Service
     (finalizer) and its status (addresses), POST core/v1 Events, and read/replace/create the Lease."""
     documents = [d for d in yaml.safe_load_all((REPO / "deploy" / "rbac.yaml").read_text()) if d]
     granted: set[tuple[str, str, str, str]] = set()
@@ -368,6 +368,7 @@ def test_rbac_grants_exactly_the_verbs_the_code_uses() -> None:
         ("", "services", "list", "*"), ("", "services", "watch", "*"), ("", "services", "patch", "*"),
         ("", "services/status", "patch", "*"),
         ("", "nodes", "list", "*"), ("", "nodes", "watch", "*"),
+        ("discovery.k8s.io", "endpointslices", "list", "*"), ("discovery.k8s.io", "endpointslices", "watch", "*"),
         ("", "events", "create", "*"),
         ("coordination.k8s.io", "leases", "create", "*"),
         ("coordination.k8s.io", "leases", "get", "lbappliance-leader"),

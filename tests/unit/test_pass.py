@@ -62,6 +62,9 @@ class FakeCluster:
     def nodes(self) -> Parsed:
         return Parsed(NODES, ())
 
+    def endpoints(self) -> dict[str, dict[str, dict[str, int]]]:
+        return {}
+
 
 class FakeWriter:
     """Writes as the API server would answer them: the Service with a bumped resourceVersion."""

@@ -164,3 +164,33 @@ def test_a_dual_stack_service_may_cross_families_and_is_checked_where_kube_proxy
     assert {s.name: s.check_address for s in v6.servers} == {"node-1": "198.51.100.11", "node-2": None}
     from lbappliance.core.health import health_monitors
     assert [m.name for m in health_monitors(state)] == ["hc_32100_v4"]
+
+
+def test_local_servers_weigh_their_ready_endpoints_and_a_change_is_a_runtime_op() -> None:
+    """A node with 3 pods gets 3 shares, one with 1 pod one share: every pod an even part."""
+    from lbappliance.core.changes import classify
+    from lbappliance.core.kube import endpoint_counts
+    from lbappliance.core.render import render
+
+    local = Service("default", "local", creation="1", ports=(ServicePort("p", "TCP", 80, 31080),),
+                    external_traffic_policy="Local", health_check_node_port=32100, ip_families=("IPv4",))
+
+    def slice_(node_pods: dict[str, int], ready: bool = True) -> dict:  # type: ignore[type-arg]
+        return {"metadata": {"namespace": "default", "labels": {"kubernetes.io/service-name": "local"}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": ["198.51.100.99"], "nodeName": node, "conditions": {"ready": ready}}
+                              for node, pods in node_pods.items() for _ in range(pods)]}
+
+    counts = endpoint_counts([slice_({"node-1": 3, "node-2": 1}), slice_({"node-2": 5}, ready=False),
+                              {"metadata": {"namespace": "default", "labels": {}}, "addressType": "IPv4"}])
+    assert counts == {"default/local": {"IPv4": {"node-1": 3, "node-2": 1}}}
+    snap = Snapshot((local,), NODES, pools(), config(), counts)
+    _, state = desired_state(snap)
+    [fe] = state.frontends
+    assert {s.name: s.weight for s in fe.backend.servers} == {"node-1": 3, "node-2": 1}
+    assert "track hc_32100_v4/node-1 weight 3" in render(state, config()).haproxy
+    moved = desired_state(Snapshot((local,), NODES, pools(), config(),
+                                   endpoint_counts([slice_({"node-1": 1, "node-2": 1})])))[1]
+    change = classify(state, moved)
+    assert change.kind == "runtime"
+    assert [(w.name, w.weight) for w in change.reweights] == [("node-1", 1)]
