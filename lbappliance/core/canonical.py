@@ -163,12 +163,17 @@ def duration(value: Any) -> str:
     return text
 
 
+def _matching(value: Any, what: str, pattern: re.Pattern[str], why: str) -> str:
+    """`value` as text when the whole of it matches `pattern`; else Invalid saying `why`."""
+    text = _text(value, what)
+    if not pattern.fullmatch(text):
+        raise Invalid(f"{truncate(text)} is not {what} ({why})")
+    return text
+
+
 def dns_label(value: Any) -> str:
     """An RFC 1123 label, as Kubernetes namespaces and Service names are."""
-    text = _text(value, "a DNS label")
-    if not _DNS_LABEL.fullmatch(text):
-        raise Invalid(f"{truncate(text)} is not a DNS label (lowercase letters, digits, '-'; at most 63)")
-    return text
+    return _matching(value, "a DNS label", _DNS_LABEL, "lowercase letters, digits, '-'; at most 63")
 
 
 def dns_subdomain(value: Any) -> str:
@@ -181,10 +186,7 @@ def dns_subdomain(value: Any) -> str:
 
 def label_value(value: Any) -> str:
     """A Kubernetes label value shape (non-empty): letters, digits, '-', '_', '.', at most 63."""
-    text = _text(value, "a label value")
-    if not _LABEL_VALUE.fullmatch(text):
-        raise Invalid(f"{truncate(text)} is not valid (letters, digits, '-', '_', '.'; at most 63)")
-    return text
+    return _matching(value, "a label value", _LABEL_VALUE, "letters, digits, '-', '_', '.'; at most 63")
 
 
 def node_address(kind: str, value: Any) -> str:
@@ -201,10 +203,7 @@ def node_address(kind: str, value: Any) -> str:
 
 
 def interface(value: Any) -> str:
-    text = _text(value, "an interface name")
-    if not _INTERFACE.fullmatch(text):
-        raise Invalid(f"{truncate(text)} is not an interface name ([A-Za-z0-9_.@-], at most 15)")
-    return text
+    return _matching(value, "an interface name", _INTERFACE, "[A-Za-z0-9_.@-], at most 15")
 
 
 def absolute_path(value: Any) -> str:
