@@ -7,6 +7,7 @@ Probes that must leave from the appliance's network namespace (the lab, tests) r
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import os
@@ -131,23 +132,17 @@ def run_probes(job: Mapping[str, Any], netns: str | None) -> dict[str, Any]:
 # ---- the API server ------------------------------------------------------------------------------
 
 
-def _get_json(api: client.ApiClient, path: str) -> Any:
-    response = api.call_api(path, "GET", auth_settings=["BearerToken"], _preload_content=False,
-                            _return_http_data_only=True)
+def _items(call: Any) -> list[Any]:
+    """The items of a typed list call made with _preload_content=False, as wire-format dicts."""
+    response = call(_preload_content=False)
     try:
-        return json.loads(response.data)
+        return list(json.loads(response.data).get("items") or [])
     finally:
         response.release_conn()
 
 
 def _group_served(api: client.ApiClient, group: str) -> bool:
-    try:
-        _get_json(api, f"/apis/{group}")
-    except ApiException as exc:
-        if exc.status == 404:
-            return False
-        raise
-    return True
+    return any(g.name == group for g in client.ApisApi(api).get_api_versions().groups or [])
 
 
 def _skew(api: client.ApiClient) -> float | None:
@@ -210,8 +205,9 @@ def diagnose(config: ApplianceConfig, pools: tuple[Pool, ...], netns: str | None
         report.add(core.credential_check(left, kind))
         questions = [*core.required_permissions(config), *core.forbidden_permissions(config)]
         report.add(core.permission_check(access_answers(api, questions), config))
-        raw_services = _get_json(api, "/api/v1/services").get("items") or []
-        raw_nodes = _get_json(api, "/api/v1/nodes").get("items") or []
+        core_api = client.CoreV1Api(api)
+        raw_services = _items(core_api.list_service_for_all_namespaces)
+        raw_nodes = _items(core_api.list_node)
         services = _parse(raw_services, service_from_object)
         nodes = _parse(raw_nodes, node_from_object)
         svclb, service_cidrs = None, []
@@ -235,6 +231,10 @@ def diagnose(config: ApplianceConfig, pools: tuple[Pool, ...], netns: str | None
                          None)
         udp = any(p.protocol == "UDP" for s in handled for p in s.ports)
         return _this_box(report, config, netns, nodes=eligible, node_port=node_port, udp=udp)
+    except ApiException as exc:  # a read the identity may not make (the permission line says which)
+        report.add(core.failed("API reads", f"refused: {exc.status} {exc.reason}",
+                               "apply deploy/rbac.yaml (`lbappliance enroll`)"))
+        return _this_box(report, config, netns, nodes=None, node_port=None)
     finally:
         api.close()
 
@@ -245,16 +245,14 @@ def _admin_facts(kubeconfig: str) -> tuple[list[str], list[str]]:
 
     api = admin_client(kubeconfig)
     try:
-        pods = _get_json(api, "/api/v1/pods").get("items") or []
+        pods = _items(client.CoreV1Api(api).list_pod_for_all_namespaces)
         svclb = [f"{p['metadata'].get('namespace')}/{p['metadata'].get('name')}" for p in pods
                  if str(p["metadata"].get("name", "")).startswith("svclb-")
                  or "svccontroller.k3s.cattle.io/svcname" in (p["metadata"].get("labels") or {})]
         cidrs: list[str] = []
-        try:
-            for item in _get_json(api, "/apis/networking.k8s.io/v1/servicecidrs").get("items") or []:
+        with contextlib.suppress(ApiException, AttributeError):  # ServiceCIDR is GA in 1.33
+            for item in _items(client.NetworkingV1Api(api).list_service_cidr):
                 cidrs.extend(str(c) for c in (item.get("spec") or {}).get("cidrs") or [])
-        except ApiException:
-            pass
         return svclb, cidrs
     finally:
         api.close()

@@ -11,8 +11,10 @@ only the API server.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -39,18 +41,16 @@ def enroll(cp: Any, tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120, check=False)
 
 
-@pytest.fixture(scope="module")
-def signer(control_plane: Any, control_plane_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The real kube-controller-manager's CSR signing controller, signing with the test CA."""
-    binary = Path(os.environ.get("LBAPPLIANCE_KCM", control_plane_bin / KCM))
+@contextlib.contextmanager
+def csr_signer(control_plane: Any, bin_dir: Path, work: Path) -> Iterator[bool]:
+    """The real kube-controller-manager's CSR signing controller, signing with the test CA, while the
+    block runs; yields False (and starts nothing) when it was not built."""
+    binary = Path(os.environ.get("LBAPPLIANCE_KCM", bin_dir / KCM))
     if not os.access(binary, os.X_OK):
-        message = f"{binary} not built: the client-certificate path of enroll cannot be signed"
-        if _in_ci():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        yield False
+        return
     from cryptography.hazmat.primitives import serialization
 
-    work = tmp_path_factory.mktemp("kcm")
     key = work / "ca.key"
     key.write_bytes(control_plane._pki.ca_key.private_bytes(  # the test CA's key, only for the signer
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
@@ -63,10 +63,21 @@ def signer(control_plane: Any, control_plane_bin: Path, tmp_path_factory: pytest
                              "--leader-elect=false", "--secure-port=0", "--v=1"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield
+        yield True
     finally:
-        stop_child(proc, 15, 10)
+        stop_child(proc, signal.SIGTERM, 10)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def signer(control_plane: Any, control_plane_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    with csr_signer(control_plane, control_plane_bin, tmp_path_factory.mktemp("kcm")) as running:
+        if not running:
+            message = f"{KCM} not built: the client-certificate path of enroll cannot be signed"
+            if _in_ci():
+                pytest.fail(message, pytrace=False)
+            pytest.skip(message)
+        yield
 
 
 def _api(kubeconfig: Path) -> Any:
