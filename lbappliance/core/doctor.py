@@ -128,7 +128,8 @@ def permission_check(answers: Mapping[Permission, bool], config: ApplianceConfig
             [f"more than needed: {', '.join(extra)}"] if extra else [])
         return failed(name, "; ".join(parts), "apply deploy/rbac.yaml and bind nothing else to this identity "
                                               "(`lbappliance enroll` does both)")
-    return ok(name, f"all {len(answers) - len(extra)} needed allowed; Secrets and other writes denied")
+    return ok(name, f"all {len(required_permissions(config))} needed allowed; the "
+                    f"{len(forbidden_permissions(config))} checked beyond them (Secrets, other writes) denied")
 
 
 # ---- another LoadBalancer implementation --------------------------------------------------------
