@@ -16,11 +16,11 @@ export GOFLAGS="${GOFLAGS:+$GOFLAGS }-mod=mod"
 export CGO_ENABLED=0
 
 cache_root="${LBAPPLIANCE_CACHE:-$HOME/.cache/lbappliance}/controlplane"
-hash="$(cat go.mod go.sum cmd/kube-apiserver/main.go cmd/etcd/main.go cmd/kube-proxy/main.go | sha256sum | cut -c1-16)"
+hash="$(cat go.mod go.sum cmd/kube-apiserver/main.go cmd/etcd/main.go cmd/kube-proxy/main.go cmd/kube-controller-manager/main.go | sha256sum | cut -c1-16)"
 out="$cache_root/$hash"
 bin="$out/bin"
 
-binaries=(kube-apiserver etcd kube-proxy)
+binaries=(kube-apiserver etcd kube-proxy kube-controller-manager)  # kcm: its CSR signer, for `enroll`
 have_all() {
   local b
   for b in "${binaries[@]}"; do [[ -x "$bin/$b" ]] || return 1; done
@@ -66,7 +66,7 @@ trap 'rm -rf "$tmp"' EXIT
 
 echo "build.sh: building kube-apiserver and kube-proxy $kube_version and etcd $(awk '$1 == "go.etcd.io/etcd/server/v3" {print $2; exit}' go.mod) into $bin" >&2
 # One go build: the three share most packages, so they compile once.
-go build -trimpath -ldflags "$ldflags" -o "$tmp/" ./cmd/kube-apiserver ./cmd/etcd ./cmd/kube-proxy >&2
+go build -trimpath -ldflags "$ldflags" -o "$tmp/" ./cmd/kube-apiserver ./cmd/etcd ./cmd/kube-proxy ./cmd/kube-controller-manager >&2
 
 mkdir -p "$bin"
 for b in "${binaries[@]}"; do
