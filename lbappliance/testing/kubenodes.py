@@ -59,8 +59,11 @@ KUBE_PROXY_USER = "system:kube-proxy"
 KUBE_PROXY_HEALTH_PORT = 10256
 POD_HTTP_PORTS = (80, 8080, 8443, 5353, 8853)
 POD_PROXY_PORT = 8081
+#: Answers "<pod>@<node> <source address>": with Cluster policy kube-proxy masquerades only what it
+#: forwards to another node, so the source tells which node's NodePort the request entered.
+POD_SOURCE_PORT = 8082
 POD_UDP_PORTS = (7, 53, 5353, 8080)
-NAMED_PORTS = {"http": 8080, "proxy": POD_PROXY_PORT, "udp": 8080}
+NAMED_PORTS = {"http": 8080, "proxy": POD_PROXY_PORT, "source": POD_SOURCE_PORT, "udp": 8080}
 #: kube-proxy's /healthz turns 503 by itself on this taint (cluster-autoscaler's drain mark).
 DRAIN_TAINT = "ToBeDeletedByClusterAutoscaler"
 LAB_FINALIZER = "lab.lbappliance.io/drain"
@@ -109,6 +112,13 @@ def answer_pod(answer: str) -> str:
     return answer.partition("@")[0]
 
 
+def entry_node(answer: str, nodes: Mapping[str, Iterable[str]]) -> str:
+    """Which node's NodePort a request entered, from a :data:`POD_SOURCE_PORT` answer: the source
+    is that node's address when kube-proxy forwarded (and masqueraded) it, else the pod's own node."""
+    ident, _, source = answer.partition(" ")
+    return next((name for name, addrs in nodes.items() if source in addrs), answer_node(ident))
+
+
 def _url(address: str, port: int, path: str = "/") -> str:
     return f"http://[{address}]:{port}{path}" if ":" in address else f"http://{address}:{port}{path}"
 
@@ -145,6 +155,7 @@ def pod_haproxy_config(pod: Pod) -> str:
     """haproxy.cfg of one pod: fixed answers on the pod's addresses only."""
     addrs = [a for a in (pod.ipv4, pod.ipv6) if a]
     binds = "\n".join(f"    bind {'[' + a + ']' if ':' in a else a}:{p}" for a in addrs for p in POD_HTTP_PORTS)
+    source_binds = "\n".join(f"    bind {'[' + a + ']' if ':' in a else a}:{POD_SOURCE_PORT}" for a in addrs)
     proxy_binds = "\n".join(f"    bind {'[' + a + ']' if ':' in a else a}:{POD_PROXY_PORT} accept-proxy"
                             for a in addrs)
     return f"""\
@@ -163,6 +174,10 @@ defaults
 frontend pod
 {binds}
     http-request return status 200 content-type text/plain string "{pod.ident}\\n" hdr X-Pod {pod.ident}
+
+frontend pod-source
+{source_binds}
+    http-request return status 200 content-type text/plain lf-string "{pod.ident} %[src]\\n" hdr X-Pod {pod.ident}
 
 frontend pod-proxy
 {proxy_binds}
@@ -448,9 +463,10 @@ class KubeNodes:
                 udp_log = self.lab.log_path(f"pod-{name}-udp")
                 wait_for(lambda: "ready" in udp_log.read_text(errors="replace"), 10, 0.05,
                          what=f"pod {name} UDP echo")
-        except TimeoutError:
+        except TimeoutError as exc:
             self._stop_pod_procs(pod)
-            raise
+            tail = self.lab.log_path(f"pod-{name}").read_text(errors="replace")[-1500:]
+            raise TimeoutError(f"{exc}; pod log tail:\n{tail}") from None
         with self._lock:
             self.pods[name] = pod
         return pod

@@ -14,6 +14,8 @@ Pods answer ``"<pod>@<node>"``; "answered by" below means that pod on that node.
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from lbappliance.testing.kubenodes import DUAL, V4, V6, KubeNodes, answer_node, answer_pod
+from lbappliance.testing.kubenodes import DUAL, V4, V6, KubeNodes, answer_node, answer_pod, entry_node
 from lbappliance.testing.prober import Probe, probe_in, target
 from lbappliance.testing.wait import wait_for
 from tests.e2e.conftest import FIELD_MANAGER, RBAC_MANIFEST
@@ -256,8 +258,6 @@ def test_proxy_protocol_v2_reaches_the_pod_with_the_clients_address(env: dict[st
     assert _nodes({a.split()[0]: n for a, n in counts.items()}) == {h.name for h in lab.nodes}, counts
 
 
-@pytest.mark.xfail(strict=True, reason="drain semantics (lead, issue 15 item 3): on-marked-down shutdown-sessions "
-                                       "cuts sessions of a node whose check fails, draining or dead alike")
 def test_rolling_drain_and_kube_proxy_restarts_lose_no_request(env: dict[str, Any], ns: str) -> None:
     """One node at a time, under load: ToBeDeletedByClusterAutoscaler (kube-proxy's /healthz 503 by
     itself), out of rotation, kube-proxy restarted, back; then a Node deletion held by a finalizer.
@@ -265,10 +265,17 @@ def test_rolling_drain_and_kube_proxy_restarts_lose_no_request(env: dict[str, An
     core, lab, kube = env["core"], env["lab"], env["kube"]
     for h in lab.nodes:
         kube.add_pod(h.name, labels={"app": "rolling"})
-    core.create_namespaced_service(ns, _svc("rolling", [_http()]))
+    core.create_namespaced_service(ns, _svc("rolling", [_http(target_port="source")]))
     vip = _ingress(core, ns, "rolling")[0]
     _serving(lab, vip)
     names = [h.name for h in lab.nodes]
+    addresses = {name: kube.node_addresses(name) for name in names}
+
+    def entered(n: int = 20) -> set[str]:
+        """The nodes whose NodePort `n` fresh requests through the VIP entered."""
+        return {entry_node(a, addresses) for a in _sample(lab, vip, n=n) if a != "error"}
+
+    assert entered(60) == set(names)
     seen_out: dict[str, float] = {}
     duration = 25.0 * len(names) + 30
     started = time.monotonic()
@@ -278,30 +285,120 @@ def test_rolling_drain_and_kube_proxy_restarts_lose_no_request(env: dict[str, An
             kube.taint(node)
             kube.wait_healthz(node, 503, timeout=10)
             start = time.monotonic()
-            wait_for(lambda node=node: node not in _nodes(_sample(lab, vip, n=20)), 15, interval=0,
-                     what=f"{node} out of rotation")
+            wait_for(lambda node=node: node not in entered(), 15, interval=0, what=f"{node} out of rotation")
             seen_out[node] = time.monotonic() - start
             kube.restart_kube_proxy(node, wait=False)
             kube.wait_healthz(node, 503, timeout=60)  # still tainted after the restart
             kube.untaint(node)
             kube.wait_healthz(node, 200, timeout=10)
-            wait_for(lambda node=node: node in _nodes(_sample(lab, vip, n=30)), 15, interval=0,
-                     what=f"{node} back in rotation")
+            wait_for(lambda node=node: node in entered(30), 15, interval=0, what=f"{node} back in rotation")
         last = names[-1]
         kube.delete_node(last)  # held by a finalizer: the deletion is seen, /healthz 503
         kube.wait_healthz(last, 503, timeout=10)
-        wait_for(lambda: last not in _nodes(_sample(lab, vip, n=20)), 15, interval=0, what=f"{last} out")
+        wait_for(lambda: last not in entered(), 15, interval=0, what=f"{last} out")
         kube.release_node(last)
         wait_for(lambda: not [n for n in core.list_node().items if n.metadata.name == last], 10,
                  what=f"Node {last} gone")
         time.sleep(2)
         kube.recreate_node(last)
-        wait_for(lambda: last in _nodes(_sample(lab, vip, n=30)), 20, interval=0, what=f"{last} back")
+        wait_for(lambda: last in entered(30), 20, interval=0, what=f"{last} back")
         acted = time.monotonic() - started
     print(f"\nrolling drain {vip}: out after {seen_out}; {probe.result.counts()}, max gap {probe.result.max_gap}s")
     assert acted < duration - 1, f"the probe ({duration}s) ended before the drain did ({acted:.1f}s)"
     assert probe.result.failed == 0, probe.result.counts()
     assert all(s <= OUT_WITHIN for s in seen_out.values()), seen_out
+
+
+_KEEPALIVE_CLIENT = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+for _ in sys.stdin:
+    try:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise ConnectionError("closed by the far end")
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length"))
+        while len(body) < length:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise ConnectionError("closed mid-answer")
+            body += chunk
+        print(body.decode().strip(), flush=True)
+    except Exception as e:
+        print("error: %s: %s" % (type(e).__name__, e), flush=True)
+"""
+
+
+class _KeepAlive:
+    """One long-lived TCP connection from the client through the VIP; `ask()` sends a request on it."""
+
+    def __init__(self, netns: str, vip: str, port: int = 80) -> None:
+        self.proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-I", "-S", "-u", "-c",
+                                      _KEEPALIVE_CLIENT, vip, str(port)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(self) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_draining_node_keeps_established_connections_a_dead_one_has_them_cut(env: dict[str, Any], ns: str) -> None:
+    """A node that says it drains (taint: kube-proxy's /healthz 503) gets no new connections, but an
+    established one through it keeps working; a node that stops answering (kube-proxy gone) has
+    its established connections cut at once."""
+    core, lab, kube = env["core"], env["lab"], env["kube"]
+    for h in lab.nodes:
+        kube.add_pod(h.name, labels={"app": "long"})
+    core.create_namespaced_service(ns, _svc("long", [_http(target_port="source")]))
+    vip = _ingress(core, ns, "long")[0]
+    _serving(lab, vip)
+    addresses = {h.name: kube.node_addresses(h.name) for h in lab.nodes}
+
+    def entered(n: int = 20) -> set[str]:
+        return {entry_node(a, addresses) for a in _sample(lab, vip, n=n) if a != "error"}
+
+    draining = _KeepAlive(lab.client.netns, vip)
+    try:
+        first = draining.ask()
+        node = entry_node(first, addresses)
+        kube.taint(node)
+        kube.wait_healthz(node, 503, timeout=10)
+        wait_for(lambda: node not in entered(), 15, interval=0, what=f"{node} out of rotation")
+        time.sleep(HEALTH_MS / 1000 * 3)
+        later = draining.ask()
+        print(f"\ndraining {node}: {first!r} then {later!r}")
+        assert later == first, f"the established connection through draining {node} was not kept: {later!r}"
+    finally:
+        draining.close()
+        kube.untaint(node)
+    kube.wait_healthz(node, 200, timeout=10)
+    wait_for(lambda: node in entered(30), 15, interval=0, what=f"{node} back in rotation")
+
+    dead = _KeepAlive(lab.client.netns, vip)
+    try:
+        first = dead.ask()
+        node = entry_node(first, addresses)
+        kube.stop_kube_proxy(node)  # its rules stay: the connection could go on, but the node is silent
+        wait_for(lambda: node not in entered(), 15, interval=0, what=f"{node} out of rotation")
+        time.sleep(HEALTH_MS / 1000 * 2)
+        later = dead.ask()
+        print(f"dead {node}: {first!r} then {later!r}")
+        assert later.startswith("error"), f"the connection through silent {node} was kept: {later!r}"
+    finally:
+        dead.close()
+        if kube.kube_proxy_pid(node) is None:
+            kube.start_kube_proxy(node)
 
 
 # ---------------------------------------------------------------- mixed-family nodes
@@ -315,9 +412,6 @@ def mixed(dual_cp: Any, lab_available: None, tmp_path_factory: pytest.TempPathFa
     yield from _env(dual_cp, tmp_path_factory.mktemp("mixed"), "lbm", MIXED)  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(strict=True, reason="the family rule (lead, issue 15): core/plan.py node_address sends a "
-                                       "single-stack Service's VIP to nodes' other-family addresses, where "
-                                       "kube-proxy has no NodePort")
 def test_single_and_dual_stack_services_on_mixed_family_nodes_answer_every_request(mixed: dict[str, Any]) -> None:
     """IPv4-only, IPv6-only and dual-stack Services (Cluster, and dual-stack Local) on nodes of mixed
     families: every request through every VIP answered, each by a pod of a family the Service has."""
