@@ -7,7 +7,6 @@ such as "one box: no failover").
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -218,24 +217,27 @@ def pool_overlap_checks(pools: Sequence[Pool], node_addresses: Mapping[str, Sequ
         return None
 
     clashes = []
+    # Every value came from the cluster: canonical first, and the message shows the canonical form.
     for node, addresses in sorted(node_addresses.items()):
         for text in addresses:
             with _ignored():
-                pool = holder(ipaddress.ip_address(text))
+                address = canonical.address(text)
+                pool = holder(address)
                 if pool:
-                    clashes.append(f"pool {pool!r} contains node {node}'s address {text}")
+                    clashes.append(f"pool {pool!r} contains node {node}'s address {address}")
     for what, cidr in cluster_networks:
         with _ignored():
-            network = ipaddress.ip_network(cidr, strict=False)
+            network = canonical.network(cidr)
             for each in pools:
                 if any(r.first.version == network.version and int(r.first) <= int(network.broadcast_address)
                        and int(network.network_address) <= int(r.last) for r in each.ranges):
-                    clashes.append(f"pool {each.name!r} overlaps {what} {cidr}")
+                    clashes.append(f"pool {each.name!r} overlaps {what} {network}")
     for text in cluster_ips:
         with _ignored():
-            pool = holder(ipaddress.ip_address(text))
+            address = canonical.address(text)
+            pool = holder(address)
             if pool:
-                clashes.append(f"pool {pool!r} contains ClusterIP {text}")
+                clashes.append(f"pool {pool!r} contains ClusterIP {address}")
     for address in config.own_addresses():
         pool = holder(address)
         if pool:
@@ -271,9 +273,9 @@ def out_of_pool_checks(services: Iterable[Service], pools: Sequence[Pool], confi
         outside = []
         for text in service.ingress_ips:
             with _ignored():
-                address = ipaddress.ip_address(text)
+                address = canonical.address(text)
                 if not any(p.contains(address) for p in pools):
-                    outside.append(text)
+                    outside.append(str(address))
         if outside:
             checks.append(failed(f"address of {service.key}", f"{', '.join(outside)} is in no pool",
                                  f"add it to a pool: lbappliance pool set NAME --add-address {outside[0]}/"
