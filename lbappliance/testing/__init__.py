@@ -1,7 +1,9 @@
 """Harnesses the tests, the benches and `lbappliance lab` share; nothing here runs in production.
 
     controlplane  a real kube-apiserver + etcd on loopback, with throwaway PKI and kubeconfigs
-    netlab        network namespaces: two appliance hosts, a client, nodes (responders, health)
+    netlab        network namespaces: two appliance hosts, a client, nodes (look-alike responders, health)
+    kubenodes     the lab's nodes as real nodes: kube-proxy, pods, a lab endpoints controller (e2e, lab)
+    apirelay      kube-proxy's way from a node's namespace to the apiserver on the host's loopback
     planes        DataPlanes (HAProxy + keepalived + nft, no daemon) on the lab's appliance hosts
     appliances    the daemon pair on a control plane and the lab (`start_daemons`)
     prober        the one traffic prober (TCP/HTTP and UDP, outage = longest gap between successes)

@@ -38,7 +38,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -250,11 +250,15 @@ class KubeNodes:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def stop(self) -> None:
-        """Stop the controller and every process started here (the lab's teardown would too)."""
+    def stop_controller(self) -> None:
+        """Stop only the endpoints controller (`lbappliance lab up` leaves nodes and pods running)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+    def stop(self) -> None:
+        """Stop the controller and every process started here (the lab's teardown would too)."""
+        self.stop_controller()
         for pod in list(self.pods.values()):
             self._stop_pod_procs(pod)
         for procs in (self._proxies, self._relays):
@@ -594,3 +598,14 @@ def _target_port(port: Any) -> int:
             raise LabError(f"lab pods have no port named {target!r}")
         return NAMED_PORTS[target]
     return int(target) if target is not None else int(port.port)
+
+
+@contextlib.contextmanager
+def real_nodes(lab: NetworkLab, control_plane: Any, admin_api: Any,
+               families: Mapping[str, Sequence[Family]] | None = None, *, pods_per_node: int = 1,
+               udp: bool = True) -> Iterator[KubeNodes]:
+    """The lab's nodes as real nodes with `pods_per_node` catch-all pods each (every Service's
+    selector matches them); everything stopped when the block ends, however it ends."""
+    with KubeNodes(lab, control_plane, admin_api, families) as kube:
+        kube.default_pods(pods_per_node, udp=udp)
+        yield kube

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from lbappliance.core.models import FINALIZER
+from lbappliance.testing.kubenodes import answer_node
 from lbappliance.testing.prober import Probe, target
 from lbappliance.testing.wait import wait_for
 from tests.e2e.conftest import FIELD_MANAGER, RBAC_MANIFEST
@@ -30,18 +31,17 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def env(control_plane: Any, admin_api: Any, lab_available: None,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Lab + Nodes + RBAC + two running daemons, shared by the tests of this module."""
+    """Lab + real nodes (kube-proxy, a pod each) + RBAC + two running daemons, shared by the tests of this module."""
     from kubernetes import client
 
-    from lbappliance.testing.appliances import example_manifests, node_ports, running_daemons
+    from lbappliance.testing.appliances import running_daemons
+    from lbappliance.testing.kubenodes import real_nodes
     from lbappliance.testing.netlab import open_lab
 
     workdir = tmp_path_factory.mktemp("daemon")
-    ports, health = node_ports(example_manifests())
-    with open_lab("lbe", 3, workdir / "lab") as lab, running_daemons(
-            admin_api, lab, workdir, control_plane.appliance_kubeconfig, rbac=RBAC_MANIFEST,
-            nodeports=[*ports, 30090, 30091, 30092, 30093, 30094], health_ports=health,
-            field_manager=FIELD_MANAGER) as (app1, app2):
+    with open_lab("lbe", 3, workdir / "lab") as lab, real_nodes(lab, control_plane, admin_api) as kube, \
+            running_daemons(admin_api, lab, workdir, control_plane.appliance_kubeconfig, rbac=RBAC_MANIFEST,
+                            field_manager=FIELD_MANAGER, kube_nodes=kube) as (app1, app2):
         yield {"lab": lab, "core": client.CoreV1Api(admin_api), "apps": (app1, app2), "cp": control_plane,
                "workdir": workdir}
 
@@ -105,7 +105,7 @@ def test_examples_are_served_through_their_vips(env: dict[str, Any], ns: str) ->
         ips = _wait_ingress(core, ns, name)
         for port in doc["spec"]["ports"]:
             body = _answered(lab, ips[0], port["port"])
-            assert body in {n.name for n in lab.nodes}, f"{name}:{port['port']} answered {body!r}"
+            assert answer_node(body) in {n.name for n in lab.nodes}, f"{name}:{port['port']} answered {body!r}"
     shared = {tuple(_ingress(core, ns, n)) for n in ("dns-tcp", "dot")}
     assert len(shared) == 1, f"shared-IP Services got different addresses: {shared}"
     assert _ingress(core, ns, "local") == ["192.0.2.240"]
@@ -403,7 +403,7 @@ def test_haproxy_refusing_one_service_serves_the_others_and_a_whole_refusal_keep
         core.create_namespaced_service(ns, ours("kept", 30093))
         kept_vip = _wait_ingress(core, ns, "kept")[0]
         assert ipaddress.ip_address(kept_vip) in ipaddress.ip_network("203.0.113.8/29")
-        assert _answered(lab, kept_vip, 80).startswith("node")
+        assert answer_node(_answered(lab, kept_vip, 80)).startswith("node")
         # The pair (the default implementation) leaves another class's finalizer and status alone:
         # a settled Service is not written again.
         settled = core.read_namespaced_service("kept", ns)
@@ -422,8 +422,8 @@ def test_haproxy_refusing_one_service_serves_the_others_and_a_whole_refusal_keep
         assert REFUSED in (state / "haproxy.cfg.rejected").read_text()
         core.create_namespaced_service(ns, ours("third", 30092))
         third_vip = _wait_ingress(core, ns, "third")[0]
-        assert _answered(lab, third_vip, 80).startswith("node"), "a change beside the refused Service is served"
-        assert _answered(lab, kept_vip, 80).startswith("node")
+        assert answer_node(_answered(lab, third_vip, 80)).startswith("node"), "a change beside the refused Service is served"
+        assert answer_node(_answered(lab, kept_vip, 80)).startswith("node")
         assert _get(lab, refused_vip, 80, timeout=1.0)[0] != 200
         assert served() == {f"{ns}/kept", f"{ns}/third"}
         assert last_apply()["kind"] in ("noop", "runtime", "reload"), last_apply()
@@ -442,7 +442,7 @@ def test_haproxy_refusing_one_service_serves_the_others_and_a_whole_refusal_keep
         assert (box.metric("lbappliance_applies_total", {"kind": "rejected"}) or 0) >= 1
         assert REFUSED_WHOLE in (state / "haproxy.cfg.rejected").read_text()
         assert REFUSED_WHOLE not in (state / "haproxy.cfg").read_text()
-        assert _answered(lab, kept_vip, 80).startswith("node"), "the last good config keeps serving"
+        assert answer_node(_answered(lab, kept_vip, 80)).startswith("node"), "the last good config keeps serving"
         table = status_table()
         assert "the last change was rejected" in table and "(injected)" in table, table
 
@@ -451,7 +451,7 @@ def test_haproxy_refusing_one_service_serves_the_others_and_a_whole_refusal_keep
                  what="an accepted apply after the cause is gone")
         assert served() == {f"{ns}/kept", f"{ns}/third"}
         assert "rejected" not in status_table()
-        assert _answered(lab, kept_vip, 80).startswith("node")
+        assert answer_node(_answered(lab, kept_vip, 80)).startswith("node")
         _delete_all(core, ns, ["kept", "third"])
     except (AssertionError, TimeoutError):
         print(box.log_tail(80))
