@@ -20,7 +20,7 @@ lint:
 	$(VENV)/bin/mypy --strict lbappliance/core
 
 golden:
-	$(PY) -m pytest -q tests/unit/test_render_golden.py --update-golden
+	$(PY) -m pytest -q tests/unit/test_render_golden.py tests/unit/test_bgp.py --update-golden
 	git diff --stat tests/golden
 
 lab: setup

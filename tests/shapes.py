@@ -104,3 +104,59 @@ SHAPES: dict[str, tuple[tuple[Service, ...], tuple[Node, ...]]] = {
                         source_ranges=tuple(f"198.51.100.{i}/32" for i in range(70)),
                         session_affinity="ClientIP", affinity_timeout=86400),), NODES),
 }
+
+
+# ---- BGP announce mode (issue 17): golden files under tests/golden/bgp-*/, frr.conf beside the others.
+
+BGP_CONFIG_TEXT = """
+name: edge-a
+announce:
+  mode: bgp
+  bgp:
+    asn: 64512
+    routerId: 192.0.2.2
+    peers:
+    - address: 192.0.2.1
+      asn: 64500
+      password: "s3cr3t-md5"
+      bfd: {receiveIntervalMs: 50, transmitIntervalMs: 50, detectMultiplier: 3}
+    - address: 192.0.2.254
+      asn: 64500
+      bfd: {receiveIntervalMs: 50, transmitIntervalMs: 50, detectMultiplier: 3}
+    - address: "2001:db8:0:1::1"
+      asn: 64501
+      bfd: {profile: slow, receiveIntervalMs: 300, transmitIntervalMs: 300}
+    pools:
+      default: {communities: ["64512:100", "no-export"]}
+      reserved: {communities: ["64512:1:2"], localPreference: 50}
+"""
+
+BGP_V4_CONFIG_TEXT = """
+name: edge-b
+announce:
+  mode: bgp
+  bgp:
+    asn: 4200000001
+    routerId: 192.0.2.3
+    families: [ipv4]
+    peers:
+    - {address: 192.0.2.1, asn: 64500}
+"""
+
+
+def bgp_config(text: str = BGP_CONFIG_TEXT) -> ApplianceConfig:
+    return parse_config(text, "config.yaml")
+
+
+#: shape -> (services, nodes, config text, announce every VIP?)
+BGP_SHAPES: dict[str, tuple[tuple[Service, ...], tuple[Node, ...], str, bool]] = {
+    "bgp-dual-stack": ((Service("default", "web", creation="1", ports=(tcp(80, 30080),), ip_families=("IPv4", "IPv6"),
+                                ip_family_policy="RequireDualStack"),
+                        Service("default", "fixed", creation="2", ports=(tcp(443, 30443),),
+                                annotations={ANN_POOL: "reserved"}),
+                        Service("dns", "coredns", creation="3", ports=(udp(53, 30053),))), NODES, BGP_CONFIG_TEXT, True),
+    "bgp-ipv4-only": ((Service("default", "web", creation="1", ports=(tcp(80, 30080),), ip_families=("IPv4", "IPv6"),
+                               ip_family_policy="RequireDualStack"),), NODES, BGP_V4_CONFIG_TEXT, True),
+    "bgp-withdrawn": ((Service("default", "web", creation="1", ports=(tcp(80, 30080),)),), NODES, BGP_CONFIG_TEXT,
+                      False),
+}

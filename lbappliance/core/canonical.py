@@ -251,3 +251,57 @@ def never_a_vip(first: IPAddress, last: IPAddress) -> str | None:
                 int(net.network_address) <= int(last):
             return f"contains {why} addresses ({net})"
     return None
+
+
+# ---- BGP (FRR's frr.conf): closed sets too, since a value with a space or a newline would become
+# another FRR command.
+_COMMUNITY = re.compile(r"([0-9]{1,5}):([0-9]{1,5})")
+_LARGE_COMMUNITY = re.compile(r"([0-9]{1,10}):([0-9]{1,10}):([0-9]{1,10})")
+WELL_KNOWN_COMMUNITIES = frozenset({"no-export", "no-advertise", "local-AS", "graceful-shutdown", "blackhole"})
+_BGP_PASSWORD = re.compile(r"[A-Za-z0-9_.,:;@%+=/^~-]{1,80}")  # TCP-MD5 keys are at most 80 bytes
+_FRR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+
+
+def asn(value: Any) -> int:
+    """A 4-byte BGP AS number (0 and 65535 / 4294967295 are reserved, RFC 7300)."""
+    number = integer(value, 1, 4294967294, "an AS number")
+    if number == 65535:
+        raise Invalid("65535 is a reserved AS number (RFC 7300)")
+    return number
+
+
+def router_id(value: Any) -> str:
+    """A BGP router id: a dotted-quad IPv4 address (FRR refuses anything else), not 0.0.0.0."""
+    parsed = address(value)
+    if parsed.version != 4 or int(parsed) == 0:
+        raise Invalid(f"{truncate(value)} is not a router id (a non-zero IPv4 address)")
+    return str(parsed)
+
+
+def community(value: Any) -> str:
+    """A standard (`AS:NN`, each 0-65535), large (`A:B:C`) or well-known BGP community."""
+    text = _text(value, "a BGP community")
+    if text in WELL_KNOWN_COMMUNITIES:
+        return text
+    found = _COMMUNITY.fullmatch(text)
+    if found and all(int(part) <= 65535 for part in found.groups()):
+        return f"{int(found[1])}:{int(found[2])}"
+    found = _LARGE_COMMUNITY.fullmatch(text)
+    if found and all(int(part) <= 4294967295 for part in found.groups()):
+        return ":".join(str(int(part)) for part in found.groups())
+    raise Invalid(f"{truncate(text)} is not a BGP community (AS:NN, A:B:C or one of "
+                  f"{', '.join(sorted(WELL_KNOWN_COMMUNITIES))})")
+
+
+def is_large_community(canonical_community: str) -> bool:
+    return canonical_community.count(":") == 2
+
+
+def bgp_password(value: Any) -> str:
+    """A BGP session's TCP-MD5 key as frr.conf takes it: one word of safe characters, at most 80."""
+    return _matching(value, "a BGP password", _BGP_PASSWORD, "letters, digits and _.,:;@%+=/^~-; 1 to 80")
+
+
+def frr_name(value: Any) -> str:
+    """A name FRR keeps (a BFD profile, a route-map): a letter or digit, then letters, digits, '_', '-'."""
+    return _matching(value, "an FRR name", _FRR_NAME, "letters, digits, '_', '-'; at most 63")

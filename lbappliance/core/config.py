@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from . import canonical, yamlsafe
+from .bgp import AnnounceSettings
 from .canonical import truncate
 from .models import FAMILY_TAG, AddressRange, Family, IPAddress, LabelRequirement, LabelSelector, Pool
 
@@ -268,6 +269,8 @@ class ApplianceConfig(_Strict):
     # external: systemd units run them and the daemon reloads through the master socket / pidfile.
     process_mode: Literal["managed", "external"] = Field(default="managed", alias="processMode")
     log_format: Literal["plain", "json"] = Field(default="plain", alias="logFormat")
+    # How VIPs reach the network: VRRP (the pair, default) or BGP (N boxes; core/bgp.py).
+    announce: AnnounceSettings = Field(default_factory=AnnounceSettings)
 
     @field_validator("name")
     @classmethod
