@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from lbappliance.testing.kubenodes import answer_node
 from lbappliance.testing.wait import wait_for
 from tests.e2e.conftest import FIELD_MANAGER, RBAC_MANIFEST
 
@@ -30,13 +31,14 @@ def env(control_plane: Any, admin_api: Any, lab_available: None,
     from kubernetes import client
 
     from lbappliance.testing.appliances import running_daemons
+    from lbappliance.testing.kubenodes import real_nodes
     from lbappliance.testing.netlab import open_lab
 
     core = client.CoreV1Api(admin_api)
     workdir = tmp_path_factory.mktemp("hostile")
-    with open_lab("lbx", 2, workdir / "lab") as lab, running_daemons(
-            admin_api, lab, workdir, control_plane.appliance_kubeconfig, rbac=RBAC_MANIFEST,
-            nodeports=range(FIRST_NODE_PORT, FIRST_NODE_PORT + ORDINARY + 1), field_manager=FIELD_MANAGER) as apps:
+    with open_lab("lbx", 2, workdir / "lab") as lab, real_nodes(lab, control_plane, admin_api, udp=False) as kube, \
+            running_daemons(admin_api, lab, workdir, control_plane.appliance_kubeconfig, rbac=RBAC_MANIFEST,
+                            field_manager=FIELD_MANAGER, kube_nodes=kube) as apps:
         yield {"lab": lab, "core": core, "apps": apps}
         core.delete_node("evil-node")
 
@@ -77,7 +79,7 @@ def test_a_hostile_node_and_a_hostile_request_cost_only_themselves(env: dict[str
     node_names = {n.name for n in lab.nodes}
     for i in range(ORDINARY):
         body = lab.answer("client", vips[f"web-{i}"], 80, timeout=20)
-        assert body in node_names, f"web-{i} answered {body!r}"
+        assert answer_node(body) in node_names, f"web-{i} answered {body!r}"
 
     # The hostile objects: a Problem each in status.json, an Event each naming the field.
     def problems() -> dict[str, str] | None:

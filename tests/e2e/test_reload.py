@@ -31,12 +31,13 @@ def env(control_plane: Any, admin_api: Any, lab_available: None,
     from kubernetes import client
 
     from lbappliance.testing.appliances import running_daemons
+    from lbappliance.testing.kubenodes import real_nodes
     from lbappliance.testing.netlab import open_lab
 
     workdir = tmp_path_factory.mktemp("reload")
-    with open_lab("lbh", 2, workdir / "lab") as lab, running_daemons(
-            admin_api, lab, workdir, control_plane.appliance_kubeconfig, rbac=RBAC_MANIFEST,
-            nodeports=[30190], field_manager=FIELD_MANAGER) as apps:
+    with open_lab("lbh", 2, workdir / "lab") as lab, real_nodes(lab, control_plane, admin_api, udp=False) as kube, \
+            running_daemons(admin_api, lab, workdir, control_plane.appliance_kubeconfig, rbac=RBAC_MANIFEST,
+                            field_manager=FIELD_MANAGER, kube_nodes=kube) as apps:
         yield {"lab": lab, "core": client.CoreV1Api(admin_api), "apps": apps, "workdir": workdir}
 
 
