@@ -62,11 +62,8 @@ class Enrollment:
 
 
 def default_rbac() -> Path:
-    """The checkout's deploy/rbac.yaml when run from one, else the copy shipped in the wheel."""
-    for base in Path(__file__).resolve().parents:
-        candidate = base / "deploy" / "rbac.yaml"
-        if candidate.is_file():
-            return candidate
+    """deploy/rbac.yaml as shipped in the package (tests/e2e/test_lab.py keeps the copy identical);
+    never a file found by walking up the directory tree, which could be anyone's."""
     return PACKAGED_RBAC
 
 
