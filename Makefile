@@ -17,7 +17,7 @@ unit:
 
 lint:
 	$(VENV)/bin/ruff check lbappliance tests bench
-	$(VENV)/bin/mypy --strict lbappliance/core
+	$(VENV)/bin/mypy --strict lbappliance/core lbappliance/daemon
 
 golden:
 	$(PY) -m pytest -q tests/unit/test_render_golden.py tests/unit/test_bgp.py --update-golden

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from ..core.kube import must_clear_status, needs_status_write, releasable, vip_users
+from ..core.kube import Unreadable, must_clear_status, needs_status_write, releasable, vip_users
 from ..core.models import DesiredState, Problem, Reason, Service
 from ..edges.events import DeferredEvents, PendingEvent
 
@@ -28,7 +28,7 @@ class Writer(Protocol):
     def publish(self, service: Service, ips: tuple[str, ...]) -> Service | None: ...
     def set_ingress(self, service: Service, ips: tuple[str, ...]) -> Service | None: ...
     def set_finalizer(self, service: Service, present: bool) -> Service | None: ...
-    def event(self, service: Service, reason: Reason, message: str, warning: bool = False) -> None: ...
+    def event(self, about: Service | Unreadable, reason: Reason, message: str, warning: bool = False) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class LeaderWrites:
             self.events.hold()
         else:
             self.events.release()
-        results = list(self._pool.map(lambda item: self._publish_one(*item, pool_of), work))
+        results = list(self._pool.map(lambda item: self._publish_one(item[0], item[1], pool_of), work))
         updated = {s.key: after for (s, _), after in zip(work, results, strict=True) if after is not None}
         return Published(tuple(updated.get(s.key, s) for s in current), len(work), len(updated))
 

@@ -45,9 +45,9 @@ COMPONENT = "lbappliance"
 def api_client_from_kubeconfig(path: str | None) -> client.ApiClient:
     configuration = client.Configuration()
     if path:
-        config.load_kube_config(config_file=path, client_configuration=configuration)
+        config.load_kube_config(config_file=path, client_configuration=configuration)  # type: ignore[no-untyped-call]
     else:
-        config.load_incluster_config(client_configuration=configuration)
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     configuration.connection_pool_maxsize = 32  # watches + parallel writers share the pool
     return client.ApiClient(configuration)
 
@@ -254,6 +254,8 @@ class LeaderElector:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             log.warning("leader election: API unreachable (%s)", type(exc).__name__)
             return self.is_leader
+        if lease.spec is None:  # a Lease someone created bare: treat it as free
+            lease.spec = client.V1LeaseSpec()
         spec = lease.spec
         holder = spec.holder_identity
         renewed = spec.renew_time or spec.acquire_time
@@ -310,7 +312,7 @@ class LeaderElector:
             return
         try:
             lease = self.coordination.read_namespaced_lease(self.name, self.namespace, _request_timeout=3)
-            if lease.spec.holder_identity == self.identity:
+            if lease.spec is not None and lease.spec.holder_identity == self.identity:
                 lease.spec.renew_time = _microtime(dt.datetime(1970, 1, 1, tzinfo=dt.UTC))
                 lease.spec.lease_duration_seconds = 1
                 self.coordination.replace_namespaced_lease(self.name, self.namespace, lease, _request_timeout=3)
@@ -345,8 +347,8 @@ class Publisher:
         self.requests += 1
         headers = {**self.api.default_headers, "Accept": "application/json", "Content-Type": content_type}
         self.api.update_params_for_auth(headers, [], ["BearerToken"], path, method, body)
-        resp = self.api.rest_client.request(method, self.api.configuration.host + path, headers=headers, body=body,
-                                            _request_timeout=timeout)
+        resp = self.api.rest_client.request(  # type: ignore[no-untyped-call]
+            method, self.api.configuration.host + path, headers=headers, body=body, _request_timeout=timeout)
         if not 200 <= resp.status <= 299:
             resp.response.drain_conn()  # to its end, so the connection goes back to the pool
             resp.response.release_conn()

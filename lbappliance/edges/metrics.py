@@ -58,8 +58,8 @@ class Metrics:
 
     def record_pools(self, pools: tuple[Pool, ...], allocation: Allocation) -> None:
         in_use: dict[str, int] = {}
-        for pool in allocation.pool_of.values():
-            in_use[pool] = in_use.get(pool, 0) + 1
+        for name in allocation.pool_of.values():
+            in_use[name] = in_use.get(name, 0) + 1
         for pool in pools:
             self.pool_total.labels(pool.name).set(pool.size())
             self.pool_in_use.labels(pool.name).set(in_use.get(pool.name, 0))

@@ -318,3 +318,13 @@ def test_an_ingress_without_ipmode_proxy_is_rewritten() -> None:
     [(_, url, sent)] = pool.requests
     assert url.endswith("/status") and sent["status"]["loadBalancer"]["ingress"] == [
         {"ip": "192.0.2.10", "ipMode": "Proxy"}]
+
+
+def test_a_bare_lease_without_spec_is_taken_not_a_crash_of_the_election_thread() -> None:
+    bare = {"kind": "Lease", "apiVersion": "coordination.k8s.io/v1",
+            "metadata": {"name": "lb", "namespace": "kube-system", "resourceVersion": "3"}}
+    pool = FakePool([(200, json.dumps(bare).encode()), (200, json.dumps(bare).encode())])
+    elector = LeaderElector(api_with(pool), "kube-system", "lb", "app1", lease_duration=4, renew_deadline=3)
+    assert elector.try_acquire_or_renew() is True
+    method, _, sent = pool.requests[1]
+    assert method == "PUT" and sent["spec"]["holderIdentity"] == "app1"
