@@ -154,7 +154,7 @@ def foreign_controller_checks(services: Sequence[tuple[Service, tuple[str, ...]]
                               metallb_api: bool, k3s_servicelb_nodes: Sequence[str],
                               svclb_pods: Sequence[str] | None) -> list[Check]:
     """Another implementation serving our class: status written by another manager, MetalLB's API group
-    served, k3s nodes without --disable=servicelb, svclb-* pods (only seen with an admin kubeconfig)."""
+    served, k3s nodes without --disable=servicelb, svclb-* or MetalLB pods (seen only with an admin kubeconfig)."""
     cls = config.cluster.load_balancer_class
     writers: dict[str, list[str]] = {}
     for service, managers in services:
@@ -183,8 +183,9 @@ def foreign_controller_checks(services: Sequence[tuple[Service, tuple[str, ...]]
                                               f"{', '.join(sorted(k3s_servicelb_nodes)[:5])}",
                              "restart k3s with --disable=servicelb (docs/migrate.md)"))
     if svclb_pods:
-        checks.append(failed("k3s ServiceLB pods", f"svclb pods running: {', '.join(sorted(svclb_pods)[:5])}",
-                             "restart k3s with --disable=servicelb (docs/migrate.md)"))
+        checks.append(failed("LoadBalancer pods", f"k3s svclb or MetalLB pods running: "
+                                                  f"{', '.join(sorted(svclb_pods)[:5])}",
+                             "k3s: --disable=servicelb; MetalLB: remove it (docs/migrate.md)"))
     return checks
 
 

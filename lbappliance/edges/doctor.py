@@ -248,7 +248,8 @@ def _admin_facts(kubeconfig: str) -> tuple[list[str], list[str]]:
         pods = _items(client.CoreV1Api(api).list_pod_for_all_namespaces)
         svclb = [f"{p['metadata'].get('namespace')}/{p['metadata'].get('name')}" for p in pods
                  if str(p["metadata"].get("name", "")).startswith("svclb-")
-                 or "svccontroller.k3s.cattle.io/svcname" in (p["metadata"].get("labels") or {})]
+                 or "svccontroller.k3s.cattle.io/svcname" in (p["metadata"].get("labels") or {})
+                 or _metallb_pod(p)]
         cidrs: list[str] = []
         with contextlib.suppress(ApiException, AttributeError):  # ServiceCIDR is GA in 1.33
             for item in _items(client.NetworkingV1Api(api).list_service_cidr):
@@ -256,6 +257,12 @@ def _admin_facts(kubeconfig: str) -> tuple[list[str], list[str]]:
         return svclb, cidrs
     finally:
         api.close()
+
+
+def _metallb_pod(pod: Mapping[str, Any]) -> bool:
+    """MetalLB's controller or speaker, by the labels its manifests and Helm chart set."""
+    labels = pod["metadata"].get("labels") or {}
+    return labels.get("app") == "metallb" or labels.get("app.kubernetes.io/name") == "metallb"
 
 
 def _this_box(report: core.Report, config: ApplianceConfig, netns: str | None, *,
