@@ -1,10 +1,11 @@
 """`lbappliance lab up|status|failover|down`: the whole system on one machine.
 
 A real kube-apiserver + etcd, a network lab of namespaces (two appliance hosts, a client,
-N nodes), both daemons with the least-privilege identity, and the examples applied. It builds
-on the test harnesses of this package, and what it reads besides (deploy/rbac.yaml and
-examples/*.yaml) ships with them as package data, so it runs from an installed wheel too (with
-a control plane built earlier, see `controlplane.find_binaries`).
+N nodes that run real kube-proxy with a pod each, see `kubenodes`), both daemons with the
+least-privilege identity, and the examples applied. It builds on the test harnesses of this
+package, and what it reads besides (deploy/rbac.yaml and examples/*.yaml) ships with them as
+package data, so it runs from an installed wheel too (with a control plane built earlier, see
+`controlplane.find_binaries`).
 
 It runs as root, so nothing lives at a predictable path in the shared temporary folder: each
 `up` makes a private work directory (mkdtemp, mode 0700), and records it, with the PIDs it
@@ -31,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 from lbappliance.edges.processes import alive, start_time, stop_pid
 
-from .appliances import Appliance, example_manifests, node_ports, start_daemons
+from .appliances import Appliance, example_manifests, start_daemons
+from .kubenodes import KubeNodes
 from .netlab import STATE_ROOT
 from .prober import Probe, target
 from .wait import wait_for
@@ -110,7 +112,7 @@ def up(nodes: int, echo: Echo) -> tuple[list[dict[str, Any]], Path]:
     state: dict[str, Any] = {"workdir": str(workdir), "prefix": PREFIX, "daemons": []}
     _save(state)
     echo(f"lab directory {workdir}")
-    echo("1/6 kube-apiserver + etcd binaries (cached build; the first one takes 10-20 min)")
+    echo("1/6 kube-apiserver, etcd and kube-proxy binaries (cached build; the first one takes 10-20 min)")
     try:
         bin_dir = _with_progress(echo, "build", find_binaries)
     except Exception as exc:
@@ -126,7 +128,7 @@ def up(nodes: int, echo: Echo) -> tuple[list[dict[str, Any]], Path]:
                              "admin_kubeconfig": str(cp.admin_kubeconfig)}
     _save(state)
     echo(f"  apiserver {cp.url} ready in {cp.ready_seconds:.1f}s")
-    echo(f"3/6 network lab: 2 appliances, 1 client, {nodes} nodes")
+    echo(f"3/6 network lab: 2 appliances, 1 client, {nodes} nodes (real kube-proxy and a pod each)")
     lab = NetworkLab(prefix=PREFIX, nodes=nodes, workdir=workdir / "net")
     lab.up()
     state["hosts"] = {name: {"netns": h.netns, "ipv4": h.ipv4, "ipv6": h.ipv6} for name, h in lab.hosts.items()}
@@ -134,11 +136,15 @@ def up(nodes: int, echo: Echo) -> tuple[list[dict[str, Any]], Path]:
     admin = config.new_client_from_config(config_file=str(cp.admin_kubeconfig))
     core = client.CoreV1Api(admin)
     manifests = example_manifests()
-    ports, health = node_ports(manifests)
+    try:
+        kube = KubeNodes(lab, cp, admin).start()
+        kube.default_pods()
+    except Exception as exc:
+        raise LabFailure(f"lab nodes did not start: {exc} (logs: {lab.workdir / 'logs'})") from exc
     echo("4/6 appliances (daemons with the least-privilege identity from deploy/rbac.yaml)")
     try:
-        apps = list(start_daemons(admin, lab, workdir, cp.appliance_kubeconfig, nodeports=ports,
-                                  health_ports=health, field_manager="lbappliance-lab"))
+        apps = list(start_daemons(admin, lab, workdir, cp.appliance_kubeconfig, kube_nodes=kube,
+                                  field_manager="lbappliance-lab"))
     except TimeoutError as exc:
         raise LabFailure(f"appliances did not start: {exc}") from exc
     for app in apps:
@@ -149,6 +155,9 @@ def up(nodes: int, echo: Echo) -> tuple[list[dict[str, Any]], Path]:
     echo("5/6 applying examples/*.yaml")
     for doc in manifests:
         core.create_namespaced_service("default", doc)
+    # Their EndpointSlices, once: the lab's endpoints controller lives in this process, which ends here.
+    kube.sync()
+    kube.stop_controller()
     echo("6/6 requests from the client host through each VIP")
     return _service_rows(core, manifests, apps, lab), workdir
 
@@ -176,7 +185,7 @@ def _service_rows(core: Any, manifests: list[dict[str, Any]], apps: list[Applian
             except TimeoutError:
                 holder = "-"
             rows.append({"service": f"default/{name}", "vip": ips[0], "ports": f"{port['port']}/TCP",
-                         "holder": holder, "answer": f"200 from {answer}"})
+                         "holder": holder, "answer": f"200 from {answer}"})  # "<pod>@<node>"
     return rows
 
 

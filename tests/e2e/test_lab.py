@@ -49,7 +49,7 @@ def test_lab_up_failover_down_leaves_nothing(control_plane_bin: Path, lab_availa
         names = {r[0] for r in rows}
         assert names == {"default/web", "default/local", "default/dns-tcp", "default/dot"}, up.stdout
         for row in rows:
-            assert row[-3:-1] == ["200", "from"] and re.fullmatch(r"node\d", row[-1]), row
+            assert row[-3:-1] == ["200", "from"] and re.fullmatch(r"pod\d+@node\d", row[-1]), row
             assert row[3] in ("app1", "app2"), f"no VRRP holder shown: {row}"
         # The lab's directory is private and new, recorded in a state file only root may write.
         state = json.loads(STATE.read_text())

@@ -9,8 +9,8 @@ deployment: no VRRP peer, this box holds every VIP):
 * every metric the dashboard and the alert rules name is in a live scrape of the daemon and of
   HAProxy's exporter (haproxy.statsAddress);
 * `lbappliance doctor`: all ✓ on the healthy lab (and says there is no failover); each fault named:
-  a foreign controller writing status, a pool overlapping a node address, a node whose kube-proxy
-  /healthz is down (today's lab: its look-alike on 10256), a skewed clock (faketime);
+  a foreign controller writing status, a pool overlapping a node address, a node whose real
+  kube-proxy is down, a skewed clock (faketime);
 * the box restarts without changing any address.
 """
 
@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from lbappliance.core.models import FINALIZER
+from lbappliance.testing.kubenodes import answer_node
 from lbappliance.testing.wait import wait_for
 from tests.e2e.conftest import RBAC_MANIFEST, delete_services
 from tests.e2e.test_enroll import csr_signer
@@ -61,7 +62,6 @@ METALLB_SERVICES = {
 }
 NEW_SERVICE = ("fresh", 9000, 30106, {"metallb.io/loadBalancerIPs": "192.0.2.244",
                                       "metallb.io/address-pool": "reserved"})
-NODE_PORTS = [*(v[1] for v in METALLB_SERVICES.values()), NEW_SERVICE[2], 30107]
 
 
 def lbappliance(*args: str, timeout: float = 120, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
@@ -93,12 +93,13 @@ def box(control_plane: Any, admin_api: Any, lab_available: None,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from kubernetes import client
 
-    from lbappliance.testing.appliances import Appliance, appliance_config, node_objects
+    from lbappliance.testing.appliances import Appliance, appliance_config
+    from lbappliance.testing.kubenodes import real_nodes
     from lbappliance.testing.netlab import open_lab
 
     work = tmp_path_factory.mktemp("onebox")
     core = client.CoreV1Api(admin_api)
-    with open_lab("lb1", 2, work / "lab") as lab:
+    with open_lab("lb1", 2, work / "lab") as lab, real_nodes(lab, control_plane, admin_api, udp=False) as kube:
         # 1. enroll, as an admin would on the box: the kubeconfig the daemon runs with.
         config = appliance_config(lab, "app1", "app2", work / "state", work / "kubeconfig", work / "pools.yaml", 150)
         config["vrrp"] = {"interface": "eth0", "priority": 150, "advertInterval": 0.1, "instances": 1}
@@ -116,15 +117,7 @@ def box(control_plane: Any, admin_api: Any, lab_available: None,
         source.write_text(yaml.safe_dump(IPADDRESSPOOLS))
         imported = lbappliance("pool", "import", str(source), "--config", str(config_path))
         assert imported.returncode == 0, imported.stdout + imported.stderr
-        # 3. the cluster as MetalLB left it.
-        for node in node_objects(lab):
-            try:
-                core.create_node(node)
-            except client.ApiException as exc:
-                if exc.status != 409:
-                    raise
-        lab.serve_nodeports(NODE_PORTS)
-        lab.serve_health_ports()
+        # 3. the cluster as MetalLB left it (its nodes, real kube-proxy and a pod each, are up already).
         core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
         for name, (port, node_port, annotations, ip) in METALLB_SERVICES.items():
             core.create_namespaced_service(NS, _service(name, port, node_port, annotations))
@@ -133,7 +126,8 @@ def box(control_plane: Any, admin_api: Any, lab_available: None,
         app.start()
         try:
             wait_for(app.status, 60, what="the daemon's first pass")
-            yield {"lab": lab, "core": core, "app": app, "config": config_path, "work": work, "cp": control_plane}
+            yield {"lab": lab, "core": core, "app": app, "config": config_path, "work": work, "cp": control_plane,
+                   "kube": kube}
         finally:
             app.stop()
             delete_services(core, NS)
@@ -149,7 +143,7 @@ def test_a_metallb_served_cluster_is_handed_over_with_every_address(box: dict[st
     changed = {n: _status(core, n)[0] for n, v in METALLB_SERVICES.items() if _status(core, n)[0] != [v[3]]}
     assert changed == {}, f"Services whose address changed: {changed}"
     for name, (port, *_rest, ip) in METALLB_SERVICES.items():
-        assert lab.answer("client", ip, port) in {n.name for n in lab.nodes}, name
+        assert answer_node(lab.answer("client", ip, port)) in {n.name for n in lab.nodes}, name
     # The alias annotations on a new Service: pool and address by MetalLB's keys.
     name, port, node_port, annotations = NEW_SERVICE
     core.create_namespaced_service(NS, _service(name, port, node_port, annotations))
@@ -200,15 +194,16 @@ def test_doctor_on_the_healthy_box_passes_and_says_there_is_no_failover(box: dic
 
 def test_doctor_names_each_fault(box: dict[str, Any]) -> None:
     core, lab, work = box["core"], box["lab"], box["work"]
-    # A node whose kube-proxy is down.
+    # A node whose kube-proxy is down (stopped; its nftables rules stay, so its NodePorts still answer).
+    # (Its drain taint would not do: a tainted node is not eligible, so the doctor rightly skips it.)
     node = lab.nodes[0]
-    lab.set_health(node, 10256, False)
+    box["kube"].stop_kube_proxy(node.name)
     try:
         code, checks = _doctor(box)
     finally:
-        lab.set_health(node, 10256, True)
+        box["kube"].start_kube_proxy(node.name)
     assert code == 1 and set(_failed(checks)) == {f"kube-proxy {node.name}"}, _failed(checks)
-    assert "503" in checks[f"kube-proxy {node.name}"]["detail"] and checks[f"kube-proxy {node.name}"]["fix"]
+    assert "refused" in checks[f"kube-proxy {node.name}"]["detail"] and checks[f"kube-proxy {node.name}"]["fix"]
     # A pool overlapping a node's address.
     overlapping = work / "overlap-pools.yaml"
     overlapping.write_text((work / "pools.yaml").read_text() + f"- name: nodes\n  addresses: [{node.ipv4}/32]\n")
@@ -230,6 +225,15 @@ def test_doctor_names_each_fault(box: dict[str, Any]) -> None:
     assert code == 1 and "'k3s' wrote the status of shop/foreign" in detail, detail
     assert "address of shop/foreign" in _failed(checks)  # 192.0.2.99 is in no pool: reported, never moved
     core.delete_namespaced_service("foreign", NS)
+    # k3s ServiceLB's pods, which only an admin may list (nothing schedules them here: they exist).
+    core.create_namespaced_pod("kube-system", {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": "svclb-web-4x2k9", "labels": {"svccontroller.k3s.cattle.io/svcname": "web"}},
+        "spec": {"containers": [{"name": "lb-tcp-80", "image": "rancher/klipper-lb:v0.4.9"}]}})
+    try:
+        code, checks = _doctor(box, "--admin-kubeconfig", str(box["cp"].admin_kubeconfig))
+    finally:
+        core.delete_namespaced_pod("svclb-web-4x2k9", "kube-system", grace_period_seconds=0)
+    assert code == 1 and "kube-system/svclb-web-4x2k9" in _failed(checks)["LoadBalancer pods"], _failed(checks)
 
 
 def test_the_box_restarts_without_changing_any_address(box: dict[str, Any]) -> None:
