@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -147,6 +148,16 @@ def target(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
+def _first_line(fd: int) -> str:
+    """One line read straight from the pipe, a byte at a time: a buffered readline could swallow the
+    result line too when a short probe (5 refused requests) prints both at once, and `communicate`
+    reads the pipe itself, not that buffer."""
+    line = b""
+    while not line.endswith(b"\n") and (byte := os.read(fd, 1)):
+        line += byte
+    return line.decode(errors="replace").strip()
+
+
 class Probe:
     """The prober running in network namespace `netns` while the caller acts; a context manager.
 
@@ -165,7 +176,7 @@ class Probe:
         """Returns once the prober runs (its first request is under way)."""
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert self.proc.stdout is not None
-        first = self.proc.stdout.readline().strip()
+        first = _first_line(self.proc.stdout.fileno())
         if first != "ready":
             self.proc.kill()
             raise RuntimeError(f"prober did not start: {first} {self.proc.communicate()[0]}")
