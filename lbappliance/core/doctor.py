@@ -133,7 +133,7 @@ def permission_check(answers: Mapping[Permission, bool], config: ApplianceConfig
 
 # ---- another LoadBalancer implementation --------------------------------------------------------
 
-OUR_MANAGERS = frozenset({"lbappliance", "OpenAPI-Generator"})  # the python client's default user agent
+OUR_MANAGERS = frozenset({"lbappliance"})  # the daemon's user agent (edges/cluster.api_client_from_kubeconfig)
 
 
 def status_managers(obj: Mapping[str, Any]) -> tuple[str, ...]:

@@ -247,6 +247,14 @@ def _pick_automatic(state: _State, intent: Intent) -> None:
     for family in intent.families:
         if family in got or family in intent.requested:
             continue
+        stray = _held_outside_pools(state, intent, family)
+        if stray is not None:
+            # Another implementation's address (a MetalLB range not configured here, say): moving
+            # it would break whoever uses it, so it is reported and left alone.
+            state.problems.append(Problem(intent.service.key, Reason.ALLOCATION_FAILED,
+                                          f"holds {stray}, which is in no pool: not served and not moved; add it to "
+                                          "a pool to adopt it, or clear its status to get a new address"))
+            continue
         address, pool = _shared_address(state, intent, family) or _free_address(state, intent, family)
         if address is None or pool is None:
             if family in intent.required:
@@ -254,6 +262,14 @@ def _pick_automatic(state: _State, intent: Intent) -> None:
                                               f"no free {family} address in {_pool_scope(intent)}"))
             continue
         _claim(state, intent, address, pool)
+
+
+def _held_outside_pools(state: _State, intent: Intent, family: Family) -> IPAddress | None:
+    """The Service's status address of `family` when no pool contains it at all."""
+    for address in intent.held:
+        if family_of(address) == family and not any(p.contains(address) for p in state.pools):
+            return address
+    return None
 
 
 def _pool_scope(intent: Intent) -> str:

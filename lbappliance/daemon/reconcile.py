@@ -19,6 +19,7 @@ from typing import Protocol
 from ..core.config import ApplianceConfig
 from ..core.ipam import allocate
 from ..core.kube import Unreadable
+from ..core.metallb import cross_namespace_keys
 from ..core.models import Allocation, DesiredState, Family, Node, Pool, Problem, Reason, Service
 from ..core.perf import gc_paused
 from ..core.plan import Snapshot, plan
@@ -58,6 +59,7 @@ class Reconciler:
     refusals: tuple[Problem, ...] = ()  # Services HAProxy refused at the last apply
     served_once: bool = False  # the first apply succeeded (systemd READY=1)
     _unreadable: frozenset[Unreadable] = frozenset()
+    _cross_namespace_noted: set[str] = field(default_factory=set)
 
     def run_pass(self, config: ApplianceConfig, pools: tuple[Pool, ...], leader: bool) -> PassVerdict:
         start = time.perf_counter()
@@ -83,7 +85,17 @@ class Reconciler:
                 self.writes.events.submit(PendingEvent(error, Reason.INVALID, f"Ignored by lbappliance: {error}",
                                                        True))
         self._unreadable = errors
+        self._note_cross_namespace_sharing(services.items)
         return services.items, nodes.items
+
+    def _note_cross_namespace_sharing(self, services: tuple[Service, ...]) -> None:
+        """Once per key: a MetalLB sharing key used in several namespaces shared one address under
+        MetalLB; here sharing stays within a namespace, so each namespace gets its own."""
+        for key, namespaces in cross_namespace_keys(services).items():
+            if key not in self._cross_namespace_noted:
+                self._cross_namespace_noted.add(key)
+                log.warning("MetalLB sharing key %r is used in namespaces %s: lbappliance shares addresses only "
+                            "within a namespace, so each of them gets its own address", key, ", ".join(namespaces))
 
     def _unreadable_problems(self) -> tuple[Problem, ...]:
         def key(e: Unreadable) -> str:

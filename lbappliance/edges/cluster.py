@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from typing import Any
 from urllib.parse import quote
 
@@ -49,7 +50,11 @@ def api_client_from_kubeconfig(path: str | None) -> client.ApiClient:
     else:
         config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     configuration.connection_pool_maxsize = 32  # watches + parallel writers share the pool
-    return client.ApiClient(configuration)
+    api = client.ApiClient(configuration)
+    # The API server names a write's field manager after the user agent: ours, not the client's
+    # generic "OpenAPI-Generator", so `doctor` (and anyone reading managedFields) can tell who wrote.
+    api.user_agent = f"{COMPONENT}/{version('lbappliance')}"
+    return api
 
 
 def _read_json(resp: Any) -> Any:

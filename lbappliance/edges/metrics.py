@@ -30,7 +30,7 @@ class Metrics:
                                   ["file"], registry=r)
         self.leader = Gauge("lbappliance_leader", "1 when this appliance holds the leader lease", registry=r)
         self.vrrp = Gauge("lbappliance_vrrp_master", "1 when this box is VRRP master for the instance",
-                          ["instance"], registry=r)
+                          ["vrrp_instance"], registry=r)  # not `instance`: Prometheus' target label
         self.old_workers = Gauge("lbappliance_haproxy_old_workers", "HAProxy workers left from reloads",
                                  registry=r)
         self.api_requests = Gauge("lbappliance_api_requests", "Kubernetes API requests made so far", registry=r)

@@ -16,6 +16,6 @@ fi
 # repeated here for other Debian 12 cloud base images.
 printf 'locale: C.UTF-8\nmanage_etc_hosts: true\n' > /etc/cloud/cloud.cfg.d/91-lbappliance.cfg
 apt-get update
-apt-get install -y --no-install-recommends haproxy keepalived python3-venv
+apt-get install -y --no-install-recommends haproxy keepalived python3-venv openssl  # openssl: enroll's key
 haproxy -v | head -1
 keepalived --version 2>&1 | head -1

@@ -155,7 +155,7 @@ def test_every_metric_of_the_dashboard_and_rules_is_exported(box: dict[str, Any]
     import urllib.request
 
     app, lab = box["app"], box["lab"]
-    wait_for(lambda: app.metric("lbappliance_vrrp_master", {"instance": "VI_v4"}) == 1.0, 15,
+    wait_for(lambda: app.metric("lbappliance_vrrp_master", {"vrrp_instance": "VI_v4"}) == 1.0, 15,
              what="this box VRRP master")
     with urllib.request.urlopen(app.metrics_url, timeout=5) as response:
         daemon = response.read().decode()

@@ -36,14 +36,14 @@ def test_permissions_exactly_the_needed_ones() -> None:
 
 def test_a_foreign_status_writer_is_named() -> None:
     obj = {"metadata": {"managedFields": [
-        {"manager": "OpenAPI-Generator", "fieldsV1": {"f:metadata": {"f:finalizers": {}}}},
+        {"manager": "lbappliance", "fieldsV1": {"f:metadata": {"f:finalizers": {}}}},
         {"manager": "controller", "subresource": "status",
          "fieldsV1": {"f:status": {"f:loadBalancer": {"f:ingress": {}}}}}]}}
     assert doctor.status_managers(obj) == ("controller",)
     svc = _svc("a", ["192.0.2.200"])
     checks = doctor.foreign_controller_checks([(svc, ("controller",))], PAIR, False, [], None)
     assert checks[0].verdict is doctor.Verdict.FAIL and "'controller' wrote the status of ns/a" in checks[0].detail
-    quiet = doctor.foreign_controller_checks([(svc, ("OpenAPI-Generator",))], PAIR, True, ["k1"], ["kube-system/svclb-x"])
+    quiet = doctor.foreign_controller_checks([(svc, ("lbappliance",))], PAIR, True, ["k1"], ["kube-system/svclb-x"])
     assert [c.verdict for c in quiet] == [doctor.Verdict.OK, doctor.Verdict.FAIL, doctor.Verdict.FAIL,
                                           doctor.Verdict.FAIL]
 

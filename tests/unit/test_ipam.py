@@ -159,9 +159,17 @@ def test_an_appliance_with_a_class_leaves_services_without_one_to_the_default() 
     assert set(allocate(POOLS, services).assignments) == {"a/classless"}
 
 
-def test_held_address_outside_pools_is_replaced() -> None:
+def test_held_address_outside_every_pool_is_reported_and_never_moved() -> None:
+    """Changed on purpose (issue 16, migration): it used to be replaced by a pool address, which
+    silently moved a Service another implementation (MetalLB) had given an address outside our
+    pools. Now it is left alone and named; a requested address still wins."""
     result = allocate(POOLS, [svc("x", "b", ingress_ips=("192.0.2.99",))])
-    assert result.assignments == {"b/x": ("192.0.2.1",)}
+    assert result.assignments == {}
+    [problem] = result.problems
+    assert problem.reason == Reason.ALLOCATION_FAILED and "192.0.2.99, which is in no pool" in problem.message
+    asked = allocate(POOLS, [svc("x", "b", ingress_ips=("192.0.2.99",),
+                                 annotations={"lbappliance.io/load-balancer-ips": "192.0.2.1"})])
+    assert asked.assignments == {"b/x": ("192.0.2.1",)}
 
 
 # ---- properties -------------------------------------------------------------------------------

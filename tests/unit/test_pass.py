@@ -271,3 +271,15 @@ def test_during_a_long_burst_an_apply_serves_what_its_own_pass_just_published(co
     assert world.journal == [("publish", "default/web", "192.0.2.240"), ("publish", "default/db", "192.0.2.241"),
                              ("apply", "default/db", "default/web")]
     assert str(verdict).startswith("leader; wrote 1; reload:")
+
+
+def test_a_metallb_sharing_key_used_across_namespaces_is_logged_once(config, caplog) -> None:  # type: ignore[no-untyped-def]
+    shared = {"metallb.io/allow-shared-ip": "dns"}
+    world = World({"a/dns": replace(lb("dns"), namespace="a", annotations=shared),
+                   "b/dns": replace(lb("dns", port=53, node_port=30053), namespace="b", annotations=shared)})
+    r = reconciler(world, FakeDataPlane(world))
+    with caplog.at_level("WARNING", logger="lbappliance.daemon"):
+        r.run_pass(config, POOLS, leader=False)
+        r.run_pass(config, POOLS, leader=False)
+    notes = [m for m in caplog.messages if "MetalLB sharing key 'dns'" in m]
+    assert len(notes) == 1 and "a, b" in notes[0]
