@@ -39,8 +39,7 @@ OUT_WITHIN = HEALTH_MS / 1000 * (FALL + 1) + 1.0
 CLIENT = "192.0.2.100"
 
 
-@pytest.fixture(scope="module")
-def dual_cp(control_plane_bin: Path) -> Iterator[Any]:
+def _dual_cp(control_plane_bin: Path) -> Iterator[Any]:
     from lbappliance.testing.controlplane import ControlPlane
 
     pytest.importorskip("cryptography")
@@ -50,6 +49,19 @@ def dual_cp(control_plane_bin: Path) -> Iterator[Any]:
         yield cp
     finally:
         cp.stop()
+
+
+@pytest.fixture(scope="module")
+def dual_cp(control_plane_bin: Path) -> Iterator[Any]:
+    """A dual-stack control plane (the session one has an IPv4-only Service range)."""
+    yield from _dual_cp(control_plane_bin)
+
+
+@pytest.fixture(scope="module")
+def mixed_cp(control_plane_bin: Path) -> Iterator[Any]:
+    """Its own control plane: two labs' Nodes of the same names on one would overwrite each other,
+    and both daemon pairs would serve both labs' Services."""
+    yield from _dual_cp(control_plane_bin)
 
 
 def _env(dual_cp: Any, workdir: Path, prefix: str, families: dict[str, tuple[str, ...]]) -> Iterator[dict[str, Any]]:
@@ -407,9 +419,9 @@ MIXED = {"node1": DUAL, "node2": V4, "node3": V6}
 
 
 @pytest.fixture(scope="module")
-def mixed(dual_cp: Any, lab_available: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def mixed(mixed_cp: Any, lab_available: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """node1 dual-stack, node2 IPv4 only, node3 IPv6 only."""
-    yield from _env(dual_cp, tmp_path_factory.mktemp("mixed"), "lbm", MIXED)  # type: ignore[arg-type]
+    yield from _env(mixed_cp, tmp_path_factory.mktemp("mixed"), "lbm", MIXED)  # type: ignore[arg-type]
 
 
 def test_single_and_dual_stack_services_on_mixed_family_nodes_answer_every_request(mixed: dict[str, Any]) -> None:
