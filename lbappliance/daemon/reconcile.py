@@ -62,6 +62,9 @@ class Reconciler:
     _cross_namespace_noted: set[str] = field(default_factory=set)
 
     def run_pass(self, config: ApplianceConfig, pools: tuple[Pool, ...], leader: bool) -> PassVerdict:
+        if not leader and not self.pacer.due():
+            self.pacer.defer()  # a follower's pass is all apply: while applies are paced, it waits
+            return PassVerdict(leader)
         start = time.perf_counter()
         try:
             with gc_paused():
@@ -104,9 +107,6 @@ class Reconciler:
         return tuple(sorted(Problem(key(e), Reason.INVALID, e.message) for e in self._unreadable))
 
     def _pass(self, config: ApplianceConfig, pools: tuple[Pool, ...], leader: bool) -> PassVerdict:
-        if not leader and not self.pacer.due():
-            self.pacer.defer()  # a follower's pass is all apply: while applies are paced, it waits
-            return PassVerdict(leader)
         services, nodes = self._read(leader)
         allocation = allocate(pools, list(services), config.cluster.load_balancer_class)
         snapshot = Snapshot(services, nodes, pools, config, self.cluster.endpoints())
