@@ -6,8 +6,10 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${LBAPPLIANCE_CACHE:-$HOME/.cache/lbappliance}"
 venv="$cache/venv"
 # prometheus: promtool for the alert rule tests (about 20 MB download); faketime: the doctor's clock
-# check in the e2e; openssl: `enroll` makes the appliance's key and CSR with it.
-packages=(haproxy keepalived iproute2 nftables wrk procps python3-venv ca-certificates prometheus faketime openssl)
+# check in the e2e; openssl: `enroll` makes the appliance's key and CSR with it; frr: bgpd, bfdd, zebra,
+# vtysh and frr-reload.py for announce.mode bgp (the BGP lab runs its own daemons in namespaces).
+packages=(haproxy keepalived iproute2 nftables wrk procps python3-venv ca-certificates prometheus faketime openssl
+          frr frr-pythontools)
 
 missing=()
 for pkg in "${packages[@]}"; do
@@ -25,7 +27,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # Debian starts the packaged daemons on install; the appliance runs its own, so stop the stock ones.
 if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-  systemctl disable --now haproxy.service keepalived.service >/dev/null 2>&1 || true
+  systemctl disable --now haproxy.service keepalived.service frr.service >/dev/null 2>&1 || true
 fi
 
 stamp="$venv/.lbappliance-$(sha256sum "$repo/pyproject.toml" | cut -c1-16)"

@@ -216,6 +216,8 @@ def status(config_path: Path, fmt: str) -> None:
         fail(f"{path}: not a status document: {str(exc)[:200]}")
     except RecursionError:
         fail(f"{path}: not a status document (nested too deeply)")
+    if config.announce.mode == "bgp" and isinstance(document, dict):
+        document["bgp"] = _bgp_status(path.with_name("bgp.json"))
     if fmt != "table":
         emit(document, fmt)
         return
@@ -228,6 +230,26 @@ def status(config_path: Path, fmt: str) -> None:
 
 
 STATUS_MAX_BYTES = 64 << 20
+
+
+def _bgp_status(path: Path) -> Any:
+    """announce.mode bgp: what edges/frr.BgpControl recorded (per VIP announced or why not, sessions)."""
+    import json
+
+    try:
+        return json.loads(read_bytes(path, STATUS_MAX_BYTES))
+    except (OSError, ValueError, RecursionError) as exc:
+        return {"error": f"{path}: {str(exc)[:200]}"}
+
+
+def _bgp_lines(bgp: Any) -> list[str]:
+    if not isinstance(bgp, dict) or "error" in bgp:
+        return [f"bgp: unknown ({dict(bgp).get('error', '') if isinstance(bgp, dict) else ''})"]
+    sessions = ", ".join(f"{peer}={state}" for peer, state in sorted(dict(bgp.get("sessions") or {}).items()))
+    rows = [{"vip": vip, "announced here": "yes"} for vip in list(bgp.get("announced") or [])]
+    withdrawn = sorted(dict(bgp.get("withdrawn") or {}).items())
+    rows += [{"vip": vip, "announced here": f"no: {why}"} for vip, why in withdrawn]
+    return [f"bgp sessions: {sessions or 'none'}", table(rows, ("vip", "announced here"))]
 
 
 def _status_lines(document: Any) -> list[str]:
@@ -244,6 +266,8 @@ def _status_lines(document: Any) -> list[str]:
     lines.append(table(rows, ("service", "vips", "ports", "this box", "backends")))
     for problem in list(document.get("problems") or []):
         lines.append(f"problem: {problem['service']}: {problem['reason']}: {problem['message']}")
+    if "bgp" in document:
+        lines += _bgp_lines(document["bgp"])
     last = document.get("lastApply") or {}
     if last.get("kind") in ("rejected", "failed"):
         lines.append(f"data plane: the last change was {last['kind']}; the services above are the config still "

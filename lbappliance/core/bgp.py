@@ -119,6 +119,9 @@ class BgpSettings(_Strict):
     pools: dict[str, PoolAnnounce] = Field(default_factory=dict)
     keepalive_seconds: int = Field(default=3, alias="keepaliveSeconds", ge=1, le=21845)
     hold_time_seconds: int = Field(default=9, alias="holdTimeSeconds", ge=3, le=65535)
+    # How soon bgpd tries a session again after it failed (FRR's default is 120 s: a box that
+    # restarts, or a ToR that reboots, would be out of ECMP for two minutes).
+    connect_retry_seconds: int = Field(default=2, alias="connectRetrySeconds", ge=1, le=65535)
     # A clean stop withdraws every VIP, waits until the routers have it (the withdrawal left
     # bgpd's Adj-RIB-Out, then this much longer for them to reprogram), and only then lets
     # HAProxy finish its connections (at most drainSeconds) and stop.

@@ -198,6 +198,7 @@ class Daemon:
 
     def _pass(self, leader: bool) -> None:
         was_ready = self.reconciler.served_once
+        self.dataplane.pools = self.pools  # announce.mode bgp: each pool's communities / local-pref
         verdict = self.reconciler.run_pass(self.config, self.pools, leader)
         level = logging.INFO if verdict.wrote or verdict.released or verdict.refused or verdict.failed or (
             verdict.apply not in (None, "noop")) else logging.DEBUG

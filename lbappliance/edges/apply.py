@@ -21,10 +21,11 @@ from typing import Literal
 from lbappliance.core.changes import Change, classify
 from lbappliance.core.config import ApplianceConfig
 from lbappliance.core.health import DrainState, is_monitor_name, sessions_to_cut, trackers
-from lbappliance.core.models import DesiredState
+from lbappliance.core.models import DesiredState, Pool
 from lbappliance.core.render import RenderedConfigs, render, server_defaults, services_on_lines
 
 from .files import atomic_write
+from .frr import BgpControl, FrrError
 from .haproxy import HAProxy, HaproxyError
 from .keepalived import Keepalived, KeepalivedError
 from .nft import Nftables, NftError
@@ -69,11 +70,26 @@ class DataPlane:
     # over this one's sockets; masters handed over finish their connections and are reaped here.
     _moved_from: HAProxy | None = field(default=None, repr=False)
     _retired: list[HAProxy] = field(default_factory=list, repr=False)
+    # announce.mode bgp: the pools (their communities / local-pref), set by the daemon before each pass.
+    pools: tuple[Pool, ...] = ()
 
     def __post_init__(self) -> None:
         self.haproxy, keepalived, nft = self._handles(self.config)
         self.vrrp = VrrpControl(keepalived, self.managed)
+        self.bgp = self._bgp_control(self.config)  # None in VRRP mode: keepalived carries the VIPs
         self.udp = UdpForwarding(nft, lambda: self.haproxy.server_states(), self.counts)
+
+    def _bgp_control(self, config: ApplianceConfig) -> BgpControl | None:
+        """announce.mode bgp: FRR announces the VIPs this box serves (edges/frr.py); no keepalived."""
+        bgp = config.announce.bgp if config.announce.mode == "bgp" else None
+        if bgp is None:
+            return None
+        control = BgpControl.for_config(config.name, bgp, self.netns_prefix, config.paths.state_dir, self.pools,
+                                        manage_vips=config.process_mode == "managed")
+        old = getattr(self, "bgp", None)
+        if old is not None:
+            control.announcer.last, control._state = old.announcer.last, old._state
+        return control
 
     def _handles(self, config: ApplianceConfig) -> tuple[HAProxy, Keepalived, Nftables]:
         paths = config.paths
@@ -102,6 +118,7 @@ class DataPlane:
         else:
             self.haproxy.proc = old_haproxy.proc
         self.vrrp.follow(keepalived)
+        self.bgp = self._bgp_control(config)
 
     @property
     def keepalived(self) -> Keepalived:
@@ -126,6 +143,9 @@ class DataPlane:
 
     def stop(self) -> None:
         """Managed mode: stop keepalived first (the peer takes the VIPs), then HAProxy."""
+        if self.bgp is not None:  # withdraw, wait for the routers, drain; then HAProxy may stop
+            with contextlib.suppress(FrrError, HaproxyError, OSError):
+                self.bgp.stop(self.haproxy)
         if not self.managed:
             return
         self.vrrp.stop()
@@ -146,7 +166,7 @@ class DataPlane:
         rendered = rendered or render(state, self.config)
         paths = self.config.paths
         hap_new = _differs(paths.haproxy_config, rendered.haproxy)
-        ka_new = _differs(paths.keepalived_config, rendered.keepalived)
+        ka_new = self.bgp is None and _differs(paths.keepalived_config, rendered.keepalived)
         refusal = check_candidates(self.config, rendered, hap_new, ka_new)
         # One `show stat` and one ruleset text per apply: checked now, loaded after HAProxy.
         nft_text = self.udp.ruleset(state.udp)
@@ -158,12 +178,17 @@ class DataPlane:
         change = self._classify(state, hap_new)
         self._servers.drain_timeout = self.config.health_check.drain_timeout_seconds
         try:
+            if self.bgp is not None:
+                self.bgp.announcer.pools = self.pools
+                self.bgp.hold(state)
             kind, message = self._apply_haproxy(change, hap_new)
             if ka_new:
                 _swap(paths.keepalived_config)
-            ka_reloaded = self.vrrp.apply(ka_new)
+            ka_reloaded = self.vrrp.apply(ka_new) if self.bgp is None else False
             self.udp.load(state.udp, nft_text)
-        except (HaproxyError, KeepalivedError, NftError, OSError) as exc:
+            if self.bgp is not None:
+                self.bgp.apply(state, self.haproxy)
+        except (HaproxyError, KeepalivedError, NftError, FrrError, OSError) as exc:
             self.counts["failed"] += 1
             log.error("apply failed: %s", exc)
             return ApplyResult("failed", change, message=str(exc), seconds=time.monotonic() - start)
@@ -192,6 +217,9 @@ class DataPlane:
         """Between passes, from one `show stat`: the UDP forwarding maps follow HAProxy's health
         checks (`UdpForwarding.sync`), and the sessions of nodes that died, or whose drain timed
         out, are cut (`core/health.sessions_to_cut`). True when the UDP ruleset was reloaded."""
+        if self.bgp is not None:  # HAProxy died, or a Service's last healthy server here: withdraw
+            with contextlib.suppress(FrrError, OSError):
+                self.bgp.tick(self.haproxy)
         try:
             checks = self.haproxy.server_checks()
         except (HaproxyError, OSError):

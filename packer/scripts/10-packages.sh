@@ -17,5 +17,9 @@ fi
 printf 'locale: C.UTF-8\nmanage_etc_hosts: true\n' > /etc/cloud/cloud.cfg.d/91-lbappliance.cfg
 apt-get update
 apt-get install -y --no-install-recommends haproxy keepalived python3-venv openssl  # openssl: enroll's key
+# frr, frr-pythontools: bgpd, bfdd, zebra, vtysh and frr-reload.py for announce.mode: bgp (off
+# until a box is configured for it: docs/install.md, "BGP mode").
+apt-get install -y --no-install-recommends frr frr-pythontools
+systemctl disable --now frr.service || true
 haproxy -v | head -1
 keepalived --version 2>&1 | head -1

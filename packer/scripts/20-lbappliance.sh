@@ -25,6 +25,10 @@ sysctl -p /usr/local/lib/sysctl.d/99-lbappliance.conf
 
 # ---- examples for the first-boot configuration
 install -D -m 0644 -t /usr/local/share/doc/lbappliance "$SRC/cloud-init/user-data.example"
+# announce.mode: bgp, to switch on per box (docs/install.md): the daemon's drop-in, FRR's daemons
+# file and the ARP sysctls
+install -D -m 0644 -t /usr/local/share/doc/lbappliance/bgp "$SRC/systemd/lbappliance.service.d/bgp.conf.example" \
+    "$SRC/systemd/frr-daemons.lbappliance" "$SRC/systemd/99-lbappliance-bgp.conf"
 
 # ---- bootstrap haproxy.cfg, as the daemon renders it for no Services (external mode, default
 # state dir), so haproxy.service starts under the drop-in before the daemon's first pass.
