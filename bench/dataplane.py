@@ -4,9 +4,12 @@ Throughput and latency through the VIP vs straight to a NodePort (wrk from the c
 HAProxy `http-request return` responders on the nodes), failed requests during reloads and node
 churn, planned and hard failover outage (median of 5), reload time and worker RSS at 1,000 and
 5,000 Services; UDP requests/s and loss through the VIP (nftables DNAT) vs straight to the nodes;
-active-active VIP share and per-box throughput. Needs root; bounded loads only (about 5 minutes).
+active-active VIP share and per-box throughput; and the real path, through kube-proxy to pods
+on a real control plane (`real_path`: capacity through the VIP vs straight to the NodePort, and
+latency at a fixed rate of half the direct capacity). Needs root; bounded loads only (about 6
+minutes).
 
-    ~/.cache/lbappliance/venv/bin/python bench/dataplane.py
+    ~/.cache/lbappliance/venv/bin/python bench/dataplane.py [real_path | udp active_active ...]
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from lbappliance.testing.planes import (
     udp_services,
     web_service,
 )
-from lbappliance.testing.wrk import WrkResult, finish_wrk, run_wrk, start_wrk
+from lbappliance.testing.wrk import WrkResult, finish_wrk, parse_wrk, run_wrk, start_wrk
 
 Row = tuple[str, str, str]
 REPEATS = 3
@@ -144,6 +147,125 @@ def _cpu_seconds(pids: list[int]) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+#: wrk's Lua `delay()` hook as an open-loop pacer (wrk 4 has no -R of its own; this is wrk2's idea):
+#: each wrk thread keeps a schedule of one request per INTERVAL ms on a monotonic clock and waits
+#: until the next slot, so the offered rate is fixed whatever the latency, as long as enough
+#: connections are free (PACED_CONNS, far more than the rate needs).
+_PACE_LUA = """
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } lbts_t;
+int clock_gettime(int clk, lbts_t *tp);
+]]
+local ts = ffi.new("lbts_t")
+local function now_ms()
+  ffi.C.clock_gettime(1, ts)  -- CLOCK_MONOTONIC
+  return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+end
+local interval = INTERVAL
+local nxt = nil
+function delay()
+  local t = now_ms()
+  if nxt == nil or nxt < t - 50 then nxt = t end  -- after a stall, no burst to catch up
+  nxt = nxt + interval
+  local d = nxt - t
+  if d < 0 then return 0 end
+  return d
+end
+"""
+PACED_THREADS, PACED_CONNS = 2, 64
+
+
+def real_path(work: Path) -> list[Row]:
+    """The real path: client -> VIP -> HAProxy -> node1's NodePort -> kube-proxy -> pod, against
+    client -> node1's NodePort -> kube-proxy -> the same pods. kube-proxy v1.34.4 on every node
+    (nftables), 2 pods per node, one HAProxy backend (node1). Capacity at saturation (keep-alive,
+    32 connections), then latency at a fixed rate of half the direct capacity, where queueing in
+    the busiest hop does not decide the tail."""
+    from kubernetes import client, config
+
+    from lbappliance.testing.controlplane import ControlPlane, find_binaries
+    from lbappliance.testing.kubenodes import KubeNodes
+
+    with ControlPlane(find_binaries()) as cp, NetworkLab(prefix="lbbenchk", nodes=3) as lab:
+        api = config.new_client_from_config(config_file=str(cp.admin_kubeconfig))
+        with KubeNodes(lab, cp, api) as kube:
+            for h in lab.nodes:
+                for _ in range(2):
+                    kube.add_pod(h.name, labels={"app": "web"})
+            client.CoreV1Api(api).create_namespaced_service("default", {
+                "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+                "spec": {"type": "NodePort", "selector": {"app": "web"},
+                         "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": NODE_PORT}]}})
+            kube.sync()
+            direct_url, via_url = f"http://{lab.nodes[0].ipv4}:{NODE_PORT}/", f"http://{VIP}/"
+            _wait_answering(lab, direct_url)
+            plane = plane_config(work / "real", "app1", priority=150, check_ms=1000)
+            dp = dataplane(lab, plane, "app1")
+            try:
+                dp.start()
+                dp.apply(lab_state(plane, [web_service()], lab_nodes(lab)[:1]))
+                _wait_answering(lab, via_url)
+                keep = {"connections": 32, "threads": 2, "close": False}
+                directs, vias, cpu_us = [], [], []
+                for _ in range(REPEATS):
+                    directs.append(run_wrk(lab, direct_url, 6, **keep))  # type: ignore[arg-type]
+                    cpu_before = _cpu_seconds(dp.haproxy.show_proc().workers)
+                    vias.append(run_wrk(lab, via_url, 6, **keep))  # type: ignore[arg-type]
+                    cpu_us.append(1e6 * (_cpu_seconds(dp.haproxy.show_proc().workers) - cpu_before)
+                                  / max(vias[-1].requests, 1))
+                rows = _comparison_rows("real path (kube-proxy, pods)", directs, vias, cpu_us,
+                                        "both through node1's kube-proxy to the same 6 pods")
+                capacity = statistics.median(r.rps for r in directs)
+                for share, label in ((0.5, "half"), (0.25, "a quarter of")):
+                    paced_d, paced_v = [], []
+                    for _ in range(REPEATS):
+                        paced_d.append(_paced(lab, direct_url, capacity * share, work))
+                        paced_v.append(_paced(lab, via_url, capacity * share, work))
+                    rows += _paced_rows(capacity * share, label, paced_d, paced_v)
+                return rows
+            finally:
+                dp.stop()
+                api.close()
+
+
+def _wait_answering(lab: NetworkLab, url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while lab.http_get("client", url, timeout=1)[0] != 200:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not answering from the client")
+        time.sleep(0.2)
+
+
+def _paced(lab: NetworkLab, url: str, rate: float, work: Path) -> WrkResult:
+    """wrk offering a fixed `rate` of requests/s (the pacer above), keep-alive connections."""
+    script = work / "pace.lua"
+    script.write_text(_PACE_LUA.replace("INTERVAL", f"{PACED_THREADS * 1000 / rate:.6f}"))
+    argv = ["ip", "netns", "exec", lab.client.netns, "wrk", f"-t{PACED_THREADS}", f"-c{PACED_CONNS}", "-d6s",
+            "--latency", "--timeout", "2s", "-s", str(script), url]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
+    return parse_wrk(done.stdout + done.stderr)
+
+
+def _paced_rows(rate: float, label: str, directs: list[WrkResult], vias: list[WrkResult]) -> list[Row]:
+    d, v = _median_p99(directs), _median_p99(vias)
+    note = f"fixed rate {rate:,.0f} req/s offered ({label} the direct capacity), median of {REPEATS}"
+    at = f"real path at {label} capacity"
+    return [
+        (f"{at}: direct NodePort", f"p99 {d.p99_ms:.2f} ms",
+         f"p50 {d.p50_ms:.2f} ms, {d.rps:,.0f} req/s done, {sum(r.failed for r in directs)} failed; {note}"),
+        (f"{at}: through VIP", f"p99 {v.p99_ms:.2f} ms",
+         f"p50 {v.p50_ms:.2f} ms, {v.rps:,.0f} req/s done, {sum(r.failed for r in vias)} failed; {note}"),
+        (f"{at}: VIP - direct", f"+{v.p50_ms - d.p50_ms:.2f} ms p50",
+         f"+{v.p99_ms - d.p99_ms:.2f} ms p99 (runs p99 direct "
+         f"{', '.join(f'{r.p99_ms:.2f}' for r in directs)}; VIP {', '.join(f'{r.p99_ms:.2f}' for r in vias)} ms)"),
+    ]
+
+
+def _median_p99(runs: list[WrkResult]) -> WrkResult:
+    return sorted(runs, key=lambda r: r.p99_ms)[len(runs) // 2]
 
 
 def churn(lab: NetworkLab, dp, config) -> list[Row]:  # type: ignore[no-untyped-def]
@@ -355,7 +477,11 @@ def active_active(lab: NetworkLab, work: Path) -> list[Row]:
 
 def main() -> int:
     t0 = time.monotonic()
-    only = set(sys.argv[1:])  # e.g. `udp active_active` for just those rows
+    only = set(sys.argv[1:])  # e.g. `udp active_active` for just those rows; `real_path` needs the control plane
+    if only == {"real_path"}:
+        with tempfile.TemporaryDirectory(prefix="lbbench-") as tmp:
+            _print(real_path(Path(tmp)), t0)
+        return 0
     with tempfile.TemporaryDirectory(prefix="lbbench-") as tmp, NetworkLab(prefix="lbbench", nodes=3) as lab:
         work = Path(tmp)
         if only:
@@ -371,6 +497,8 @@ def main() -> int:
         rows += active_active(lab, work)
         rows += failover(lab, work)
         rows += scale(lab, work)
+    with tempfile.TemporaryDirectory(prefix="lbbench-") as tmp:
+        rows += real_path(Path(tmp))
     _print(rows, t0)
     return 0
 
