@@ -14,9 +14,11 @@ Addressing (documentation ranges only)::
                              (app1 ::2, node1 ::b, client ::64), matching
                              VIP_POOL_V4 .200-.250 <-> VIP_POOL_V6 ::c8-::fa
 
-Nodes run a real ``haproxy`` as a NodePort responder (so benchmarks measure the
-appliance, not Python) and a small ``/healthz`` server
-(:mod:`lbappliance.testing.healthserver`) whose answers flip by touching files.
+Without a control plane (the integration tier, most benchmarks), nodes run a real ``haproxy``
+as a NodePort responder (so benchmarks measure the appliance, not Python) and a small
+``/healthz`` server (:mod:`lbappliance.testing.healthserver`) whose answers flip by touching
+files: a look-alike of kube-proxy. With one (the e2e tier, ``lbappliance lab``), the nodes are
+real instead: :mod:`lbappliance.testing.kubenodes` runs kube-proxy and pods on them.
 
 Every process the lab starts is recorded (pid, start time, argv) in
 ``/run/lbappliance-lab/<prefix>/pids`` so a later lab, or
