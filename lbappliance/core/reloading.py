@@ -8,7 +8,8 @@ from .config import ApplianceConfig
 
 # Always: the identity names the lease holder and every Event's source; the process mode decides
 # who owns haproxy and keepalived; keepalived reads its config path and binary only at start.
-RESTART_FIELDS = ("name", "processMode", "paths.keepalivedConfig", "paths.keepalivedBinary")
+# announce.mode: keepalived or FRR carries the VIPs; switching who does needs a clean start.
+RESTART_FIELDS = ("name", "processMode", "paths.keepalivedConfig", "paths.keepalivedBinary", "announce.mode")
 # External mode: systemd's units hold these in their command lines, so the daemon cannot move them.
 EXTERNAL_RESTART_FIELDS = ("paths.stateDir", "paths.haproxyConfig", "paths.haproxyBinary")
 

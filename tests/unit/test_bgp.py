@@ -187,3 +187,13 @@ def test_udp_only_vip_follows_its_check_backend() -> None:
     servers = {key: ("MAINT" if key[0] == dns.backend.name else status) for key, status in _all_up(state).items()}
     assert dns.vip not in announce_decision(state, True, servers).announced
     assert dns.vip in announce_decision(state, True, _all_up(state)).announced
+
+
+def test_switching_announce_mode_needs_a_restart_but_bgp_settings_reload() -> None:
+    from lbappliance.core.reloading import restart_required
+
+    vrrp, bgp = parse_config("name: edge-a\n"), bgp_config()
+    assert restart_required(vrrp, bgp) == ("announce.mode",)
+    tweaked = parse_config(bgp_config().model_dump_json(by_alias=True).replace('"asn":64512', '"asn":64513'))
+    assert tweaked.announce.bgp is not None and tweaked.announce.bgp.asn == 64513
+    assert restart_required(bgp, tweaked) == ()
