@@ -143,6 +143,35 @@ def _holder(env: dict[str, Any], vip: str) -> str:
                     15, what=f"a box holding {vip}")
 
 
+def test_the_nodes_run_the_real_kube_proxy_in_nftables_mode_as_node_proxier(env: dict[str, Any]) -> None:
+    """kube-proxy v1.34.4 (truthful --version), its nftables tables in every node, and its identity
+    system:kube-proxy with the bootstrap node-proxier rights only: no admin."""
+    from kubernetes import client, config
+
+    lab, kube = env["lab"], env["kube"]
+    version = subprocess.run([str(kube.kube_proxy), "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.strip() == "Kubernetes v1.34.4", version.stdout
+    for h in lab.nodes:
+        tables = lab.exec(h, ["nft", "list", "tables"]).stdout
+        assert "table ip kube-proxy" in tables and "table ip6 kube-proxy" in tables, (h.name, tables)
+    api = config.new_client_from_config(config_file=str(kube.kubeconfig))
+    try:
+        auth = client.AuthorizationV1Api(api)
+
+        def may(verb: str, resource: str, group: str = "") -> bool:
+            review = auth.create_self_subject_access_review({"spec": {"resourceAttributes": {
+                "verb": verb, "resource": resource, "group": group}}})
+            return bool(review.status.allowed)
+
+        assert may("watch", "endpointslices", "discovery.k8s.io") and may("list", "nodes")
+        assert not may("list", "secrets") and not may("update", "services") and not may("create", "nodes")
+        who = client.AuthenticationV1Api(api).create_self_subject_review({"apiVersion": "authentication.k8s.io/v1",
+                                                                          "kind": "SelfSubjectReview"})
+        assert who.status.user_info.username == "system:kube-proxy"
+    finally:
+        api.close()
+
+
 def test_cluster_policy_is_answered_by_pods_on_every_node(env: dict[str, Any], ns: str) -> None:
     """Cluster: each node's kube-proxy spreads over all pods, so every node's pod answers."""
     core, lab, kube = env["core"], env["lab"], env["kube"]
