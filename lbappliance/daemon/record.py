@@ -43,6 +43,9 @@ def record(metrics: Metrics, views: BoxViews, *, state: DesiredState, allocation
         metrics.problems.labels(reason.value).set(sum(1 for p in state.problems if p.reason == reason))
     vrrp = views.vrrp_states()
     metrics.record_vrrp(vrrp)
+    bgp = getattr(views, "bgp", None)  # announce.mode bgp: the DataPlane's BgpControl
+    if bgp is not None:
+        metrics.record_bgp(bgp.last_status)
     health: dict[tuple[str, str], str] = {}
     with contextlib.suppress(OSError, HaproxyError):  # HAProxy may be down; recording must not fail a pass
         metrics.old_workers.set(len(views.old_workers()))

@@ -313,6 +313,7 @@ class BgpControl:
     # once (`ip route add local 203.0.113.0/24 dev lo`, docs/install.md), which takes the pool's
     # packets as local without an address per VIP.
     manage_vips: bool = True
+    last_status: dict[str, Any] = field(default_factory=dict)
     _state: DesiredState | None = field(default=None, repr=False)
 
     @classmethod
@@ -340,9 +341,9 @@ class BgpControl:
 
     def record(self) -> None:
         """`<stateDir>/bgp.json`: per VIP announced or why not, per peer the session state."""
+        self.last_status = {**self.status(), "at": round(time.time(), 3)}
         with contextlib.suppress(OSError):
-            atomic_write(self.status_path, json.dumps({**self.status(), "at": round(time.time(), 3)},
-                                                      sort_keys=True) + "\n")
+            atomic_write(self.status_path, json.dumps(self.last_status, sort_keys=True) + "\n")
 
     def tick(self, haproxy: Any) -> AnnounceResult:
         """Between passes: HAProxy died or a Service lost its last healthy server here -> withdraw."""

@@ -31,6 +31,10 @@ class Metrics:
         self.leader = Gauge("lbappliance_leader", "1 when this appliance holds the leader lease", registry=r)
         self.vrrp = Gauge("lbappliance_vrrp_master", "1 when this box is VRRP master for the instance",
                           ["vrrp_instance"], registry=r)  # not `instance`: Prometheus' target label
+        self.bgp_sessions_up = Gauge("lbappliance_bgp_sessions_up",
+                                     "BGP sessions Established (announce.mode bgp)", registry=r)
+        self.bgp_routes_announced = Gauge("lbappliance_bgp_routes_announced",
+                                          "VIPs this box announces over BGP (announce.mode bgp)", registry=r)
         self.old_workers = Gauge("lbappliance_haproxy_old_workers", "HAProxy workers left from reloads",
                                  registry=r)
         self.api_requests = Gauge("lbappliance_api_requests", "Kubernetes API requests made so far", registry=r)
@@ -63,6 +67,14 @@ class Metrics:
         for pool in pools:
             self.pool_total.labels(pool.name).set(pool.size())
             self.pool_in_use.labels(pool.name).set(in_use.get(pool.name, 0))
+
+    def record_bgp(self, status: Mapping[str, object]) -> None:
+        """From edges/frr.BgpControl's last record: sessions Established, VIPs announced."""
+        sessions = status.get("sessions")
+        announced = status.get("announced")
+        self.bgp_sessions_up.set(sum(1 for s in sessions.values() if s == "Established")
+                                 if isinstance(sessions, dict) else 0)
+        self.bgp_routes_announced.set(len(announced) if isinstance(announced, list) else 0)
 
     def record_vrrp(self, states: Mapping[str, str]) -> None:
         for instance, state in states.items():

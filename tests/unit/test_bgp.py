@@ -197,3 +197,15 @@ def test_switching_announce_mode_needs_a_restart_but_bgp_settings_reload() -> No
     tweaked = parse_config(bgp_config().model_dump_json(by_alias=True).replace('"asn":64512', '"asn":64513'))
     assert tweaked.announce.bgp is not None and tweaked.announce.bgp.asn == 64513
     assert restart_required(bgp, tweaked) == ()
+
+
+def test_metrics_count_established_sessions_and_announced_routes() -> None:
+    from lbappliance.edges.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.record_bgp({"sessions": {"192.0.2.1": "Established", "2001:db8:0:1::1": "Active"},
+                        "announced": ["203.0.113.10", "203.0.113.11"], "withdrawn": {}})
+    assert metrics.registry.get_sample_value("lbappliance_bgp_sessions_up") == 1
+    assert metrics.registry.get_sample_value("lbappliance_bgp_routes_announced") == 2
+    metrics.record_bgp({"sessions": {"error": "vtysh: no bgpd"}, "announced": []})
+    assert metrics.registry.get_sample_value("lbappliance_bgp_sessions_up") == 0
