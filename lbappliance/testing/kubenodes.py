@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import subprocess
@@ -365,6 +366,14 @@ class KubeNodes:
         """kube-proxy's answer on the node itself: (status, body); 0 when nothing answers."""
         addr = address or self.node_addresses(node)[0]
         return self.lab.http_get(node, _url(addr, port, path), timeout=2.0)
+
+    def local_endpoints(self, node: str, health_port: int) -> int | None:
+        """What kube-proxy's healthCheckNodePort on `node` says: its ready local endpoints (None: no answer)."""
+        status, body = self.healthz(node, health_port, path="/")
+        try:
+            return int(json.loads(body)["localEndpoints"]) if status in (200, 503) else None
+        except (ValueError, KeyError, TypeError):
+            return None
 
     def wait_healthz(self, node: str, status: int, timeout: float = 60.0, port: int = KUBE_PROXY_HEALTH_PORT,
                      address: str | None = None) -> None:

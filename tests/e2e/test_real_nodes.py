@@ -222,6 +222,28 @@ def test_local_policy_sends_only_to_nodes_with_ready_local_pods(env: dict[str, A
     assert "error" not in after and _nodes(after) == {"node1", "node3"}, after
 
 
+def test_local_policy_weighs_nodes_by_their_ready_pods_so_each_pod_gets_an_even_share(
+        env: dict[str, Any], ns: str) -> None:
+    """Local with 3 pods on node1 and 1 on node2: per node, the lone pod would get half the traffic;
+    weighted by ready local endpoints (what kube-proxy's healthCheckNodePort and the EndpointSlices
+    say), each of the 4 pods gets a quarter of 4,000 requests, within 10 % of it."""
+    core, lab, kube = env["core"], env["lab"], env["kube"]
+    for _ in range(3):
+        kube.add_pod("node1", labels={"app": "weighted"})
+    kube.add_pod("node2", labels={"app": "weighted"})
+    core.create_namespaced_service(ns, _svc("weighted", [_http(node_port=30282)], externalTrafficPolicy="Local",
+                                            healthCheckNodePort=30213))
+    vip = _ingress(core, ns, "weighted")[0]
+    _serving(lab, vip)
+    wait_for(lambda: kube.local_endpoints("node1", 30213) == 3, 10, what="node1's healthCheckNodePort saying 3")
+    time.sleep(2)  # the daemon's pass that sets the weights
+    counts = _sample(lab, vip, n=4000)
+    shares = {pod: n / 4000 for pod, n in counts.items()}
+    print(f"\nweighted Local {vip}: {counts}")
+    assert "error" not in counts and len(counts) == 4, counts
+    assert all(0.225 <= share <= 0.275 for share in shares.values()), shares
+
+
 def test_udp_through_kube_proxy_and_a_node_without_pods_leaves_the_udp_map(env: dict[str, Any], ns: str) -> None:
     """UDP: the appliance's nftables DNAT to the NodePort, kube-proxy to a pod; with Local, a node
     whose pods are gone is taken out of the appliance's UDP map."""
