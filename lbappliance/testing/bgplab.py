@@ -86,6 +86,64 @@ print(json.dumps({"ok": ok, "fails": fails, "start": start}), flush=True)
 """
 
 
+# The lab ToR's resilient ECMP (`BgpLab(resilient=True)`). FRR 8.4's zebra installs BGP multipath
+# routes as hash-threshold next-hop groups, which rehash part of every flow when a member leaves.
+# This mirror, in the ToR's namespace, follows zebra's IPv4 BGP routes (on every `ip monitor`
+# event) into table 100 as `type resilient` groups over the same gateways; traffic from the
+# client side (iif eth1) looks there first. Replacing a resilient group keeps the buckets of the
+# members that stay, so only a departed box's flows move. What a real ToR's "resilient hashing"
+# does in its ASIC.
+_RESILIENT_MIRROR = r"""
+import json, subprocess, sys
+TABLE, BUCKETS = "100", "128"
+member_ids, group_ids, applied = {}, {}, {}
+def ip(*args, check=True):
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and done.returncode:
+        print("ip", *args, "->", done.stderr.strip(), flush=True)
+    return done.stdout
+def gateways(route):
+    found = [route["gateway"]] if route.get("gateway") else []
+    found += [n["gateway"] for n in route.get("nexthops", []) if n.get("gateway")]
+    if route.get("nhid") and not found:
+        for nh in json.loads(ip("-j", "nexthop", "show", "id", str(route["nhid"])) or "[]"):
+            for m in nh.get("group", []):
+                for g in json.loads(ip("-j", "nexthop", "show", "id", str(m["id"])) or "[]"):
+                    if g.get("gateway"):
+                        found.append(g["gateway"])
+    return sorted(set(found))
+def sync():
+    wanted = {}
+    for route in json.loads(ip("-j", "-4", "route", "show", "proto", "bgp") or "[]"):
+        gws = gateways(route)
+        if gws:
+            wanted[route["dst"]] = gws
+    for dst, gws in sorted(wanted.items()):
+        for gw in gws:
+            if gw not in member_ids:
+                member_ids[gw] = 1000 + len(member_ids)
+                ip("nexthop", "replace", "id", str(member_ids[gw]), "via", gw, "dev", "eth0")
+        if applied.get(dst) == gws:
+            continue  # also what our own changes' monitor events find
+        applied[dst] = gws
+        gid = group_ids.setdefault(dst, 5000 + len(group_ids))
+        group = "/".join(str(member_ids[g]) for g in gws)
+        ip("nexthop", "replace", "id", str(gid), "group", group, "type", "resilient", "buckets", BUCKETS,
+           "idle_timer", "1", "unbalanced_timer", "0")
+        ip("route", "replace", "table", TABLE, dst, "nhid", str(gid))
+    for dst in [d for d in group_ids if d not in wanted]:
+        applied.pop(dst, None)
+        ip("route", "del", "table", TABLE, dst, check=False)
+        ip("nexthop", "del", "id", str(group_ids.pop(dst)), check=False)
+ip("rule", "add", "iif", "eth1", "lookup", TABLE, "pref", "100")
+sync()
+print("ready", flush=True)
+monitor = subprocess.Popen(["ip", "monitor", "route", "nexthop"], stdout=subprocess.PIPE, text=True)
+for _line in monitor.stdout:
+    sync()
+"""
+
+
 @dataclass(frozen=True)
 class FailureWindow:
     ok: int
@@ -254,12 +312,13 @@ class BgpLab(NetworkLab):
     """NetworkLab in the BGP shape: `tor`, `app1..appN` and nodes on the segment, the client behind the ToR."""
 
     def __init__(self, prefix: str = "lbg", boxes: int = 3, nodes: int = 3, workdir: Path | None = None,
-                 password: str | None = None) -> None:
+                 password: str | None = None, resilient: bool = False) -> None:
         super().__init__(prefix=prefix, nodes=nodes, workdir=workdir)
         if not 1 <= boxes <= MAX_BOXES:
             raise ValueError(f"boxes must be 1..{MAX_BOXES}, got {boxes}")
         self._boxes = boxes
         self.password = password
+        self.resilient = resilient
         self.frr: dict[str, FrrDaemons] = {}
 
     def up(self) -> None:
@@ -336,6 +395,46 @@ class BgpLab(NetworkLab):
         self.frr["tor"] = FrrDaemons(self, "tor", self.workdir / "tor" / "frr")
         self.frr["tor"].start()
         self.frr["tor"].load(router_config(self.appliances, password=self.password))
+        if self.resilient:
+            mirror = self.spawn("tor", ["python3", "-I", "-S", "-u", "-c", _RESILIENT_MIRROR], log_name="tor-resilient")
+            wait_for(lambda: mirror.poll() is not None or "ready" in self.log_path("tor-resilient").read_text(),
+                     10, 0.05, what="the ToR's resilient mirror")
+            if mirror.poll() is not None:
+                raise LabError(f"resilient mirror exited: {self.log_path('tor-resilient').read_text()[-1500:]}")
+
+    def bucket_shares(self, vip: str) -> dict[str, int]:
+        """Resilient mode: how many of the ToR's hash buckets for `vip` each box holds now."""
+        out = self.exec("tor", ["ip", "-j", "route", "show", "table", "100", vip]).stdout
+        routes = json.loads(out or "[]")
+        if not routes or not routes[0].get("nhid"):
+            return {}
+        members = {}
+        for nh in json.loads(self.exec("tor", ["ip", "-j", "nexthop", "show"]).stdout or "[]"):
+            if nh.get("gateway"):
+                members[nh["id"]] = nh["gateway"]
+        by_address = {h.ipv4: h.name for h in self.appliances}
+        shares: dict[str, int] = {}
+        buckets = self.exec("tor", ["ip", "-j", "nexthop", "bucket", "show", "id", str(routes[0]["nhid"])]).stdout
+        for bucket in json.loads(buckets or "[]"):
+            box = by_address.get(members.get(bucket.get("bucket", {}).get("nhid"), ""), "?")
+            shares[box] = shares.get(box, 0) + 1
+        return shares
+
+    def wait_balanced(self, vip: str, boxes: set[str], timeout: float = 15.0) -> None:
+        """Resilient mode: a joining box gets buckets only once they are idle; wait for an even spread."""
+        if not self.resilient:
+            return
+
+        def even() -> bool:
+            shares = self.bucket_shares(vip)
+            return set(shares) == boxes and max(shares.values()) - min(shares.values()) <= 1
+
+        wait_for(even, timeout, 0.1, what=f"even resilient buckets for {vip} over {sorted(boxes)}")
+
+    @property
+    def multipath_kind(self) -> str:
+        """How the ToR spreads flows: `resilient` groups (the mirror) or zebra's `hash-threshold`."""
+        return "resilient" if self.resilient else "hash-threshold"
 
     def down(self) -> None:
         self.frr.clear()

@@ -8,6 +8,9 @@ ticked like the daemon's loop. Figures are printed (`pytest -s` shows them).
 
 from __future__ import annotations
 
+import ctypes
+import os
+import socket
 import statistics
 import threading
 import time
@@ -55,7 +58,8 @@ def bgplab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BgpLab]:
     reason = lab_unavailable_reason() or frr_unavailable_reason()
     if reason:
         skip_or_fail(reason)
-    lab = BgpLab(prefix="lbgt", boxes=3, nodes=3, workdir=tmp_path_factory.mktemp("bgplab"))
+    lab = BgpLab(prefix="lbgt", boxes=3, nodes=3, workdir=tmp_path_factory.mktemp("bgplab"),
+                 resilient=os.environ.get("LBAPPLIANCE_BGP_RESILIENT") == "1")
     try:
         lab.up()
         lab.serve_nodeports([NODE_PORT, LOCAL_NODE_PORT])
@@ -83,7 +87,9 @@ class Boxes:
         start = time.monotonic()
         self.boxes[box].start(self.state(box))
         self.lab.wait_next_hops(VIP, before | {box}, timeout=30)
-        return time.monotonic() - start
+        joined = time.monotonic() - start
+        self.lab.wait_balanced(VIP, before | {box})
+        return joined
 
     def stop_all(self) -> None:
         for box in list(self.boxes):
@@ -279,3 +285,86 @@ def test_planned_removal_drops_nothing(boxes: Boxes) -> None:
     assert times["routes_at_stop"] == 2 and times["stopped"] > times["changed"]
     assert all(abs(f) <= 0.05 for f in fails), fails
     assert len(fails) <= 2 and result.ok > 300
+
+
+# ---- established connections when a box goes
+
+
+def _client_connections(lab: BgpLab, n: int) -> list[tuple[socket.socket, int]]:
+    """`n` TCP connections to VIP:80 opened inside the client's namespace (a thread joins it with
+    setns, so the sockets belong to it) and left idle: (socket, client port)."""
+    made: list[tuple[socket.socket, int]] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/run/netns/{lab.client.netns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            for _ in range(n):
+                sock = socket.create_connection((VIP, 80), timeout=2.0)
+                made.append((sock, sock.getsockname()[1]))
+        except BaseException as exc:  # reported in the test's thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join(timeout=60)
+    if errors:
+        raise errors[0]
+    return made
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def _box_of_ports(lab: BgpLab) -> dict[int, str]:
+    """Client port -> the box whose kernel holds that established connection to the VIP."""
+    owner = {}
+    for box in BOXES:
+        out = lab.exec(box, ["ss", "-Htn", "state", "established", "dst", lab.client.ipv4]).stdout
+        for line in out.splitlines():
+            peer = line.split()[-1]
+            owner[int(peer.rsplit(":", 1)[1])] = box
+    return owner
+
+
+def _answered(sock: socket.socket) -> bool:
+    try:
+        sock.settimeout(2.0)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")
+        return sock.recv(4096).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def test_established_connections_to_surviving_boxes(boxes: Boxes) -> None:
+    """120 idle connections spread by the ToR; app3 dies hard; then each connection asks once. The
+    dead box's are lost by nature; the surviving boxes' survive only where the ToR did not move
+    their flows. Prints the fraction (the goal is all; plain ECMP at the ToR rehashes some)."""
+    lab = boxes.lab
+    held = _client_connections(lab, 120)
+    owners = _box_of_ports(lab)
+    assert {owners.get(port) for _, port in held} == set(BOXES), owners
+    boxes.boxes["app3"].hard_kill()
+    lab.wait_next_hops(VIP, {"app1", "app2"}, timeout=10)
+    kept = {box: [0, 0] for box in BOXES}
+    for sock, port in held:
+        box = owners[port]
+        kept[box][1] += 1
+        kept[box][0] += _answered(sock)
+    survivors = [kept[b] for b in ("app1", "app2")]
+    fraction = sum(k for k, _ in survivors) / sum(t for _, t in survivors)
+    print(f"\nestablished connections answered after app3 died (kept/total): {kept}; "
+          f"surviving boxes' connections kept: {fraction:.0%} ({lab.multipath_kind} next-hop group at the ToR)")
+    assert kept["app3"][0] == 0  # its connections died with it
+    if lab.multipath_kind == "resilient":
+        assert fraction == 1.0
+    else:
+        assert 0.0 < fraction < 1.0  # hash-threshold moves part of the surviving flows
