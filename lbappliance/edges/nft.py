@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lbappliance.core.nft import TABLE, render_nft
+from lbappliance.core.nft import render_nft
 
 from .files import atomic_write
 from .validate import Verdict, find_binary
