@@ -139,7 +139,7 @@ def test_a_metallb_served_cluster_is_handed_over_with_every_address(box: dict[st
     def adopted() -> bool:
         return all(_status(core, n)[1] == ["Proxy"] and FINALIZER in _status(core, n)[2] for n in METALLB_SERVICES)
 
-    wait_for(adopted, 30, what="finalizer and ipMode Proxy on every MetalLB Service")
+    wait_for(adopted, 90, what="finalizer and ipMode Proxy on every MetalLB Service")
     changed = {n: _status(core, n)[0] for n, v in METALLB_SERVICES.items() if _status(core, n)[0] != [v[3]]}
     assert changed == {}, f"Services whose address changed: {changed}"
     for name, (port, *_rest, ip) in METALLB_SERVICES.items():
@@ -181,7 +181,7 @@ def _failed(checks: dict[str, Any]) -> dict[str, str]:
 
 
 def test_doctor_on_the_healthy_box_passes_and_says_there_is_no_failover(box: dict[str, Any]) -> None:
-    wait_for(lambda: all(_status(box["core"], n)[1] == ["Proxy"] for n in METALLB_SERVICES), 30, what="adoption")
+    wait_for(lambda: all(_status(box["core"], n)[1] == ["Proxy"] for n in METALLB_SERVICES), 90, what="adoption")
     code, checks = _doctor(box)
     assert _failed(checks) == {} and code == 0
     assert checks["failover"]["verdict"] == "note" and "there is no failover" in checks["failover"]["detail"]
