@@ -97,6 +97,7 @@ _RESILIENT_MIRROR = r"""
 import json, subprocess, sys
 TABLE, BUCKETS = "100", "128"
 member_ids, group_ids, applied = {}, {}, {}
+next_group = [5000]  # never reused: a freed id may still be referenced while the kernel catches up
 def ip(*args, check=True):
     done = subprocess.run(["ip", *args], capture_output=True, text=True)
     if check and done.returncode:
@@ -126,7 +127,10 @@ def sync():
         if applied.get(dst) == gws:
             continue  # also what our own changes' monitor events find
         applied[dst] = gws
-        gid = group_ids.setdefault(dst, 5000 + len(group_ids))
+        if dst not in group_ids:
+            group_ids[dst] = next_group[0]
+            next_group[0] += 1
+        gid = group_ids[dst]
         group = "/".join(str(member_ids[g]) for g in gws)
         ip("nexthop", "replace", "id", str(gid), "group", group, "type", "resilient", "buckets", BUCKETS,
            "idle_timer", "1", "unbalanced_timer", "0")
@@ -414,7 +418,8 @@ class BgpLab(NetworkLab):
                 members[nh["id"]] = nh["gateway"]
         by_address = {h.ipv4: h.name for h in self.appliances}
         shares: dict[str, int] = {}
-        buckets = self.exec("tor", ["ip", "-j", "nexthop", "bucket", "show", "id", str(routes[0]["nhid"])]).stdout
+        buckets = self.exec("tor", ["ip", "-j", "nexthop", "bucket", "show", "id", str(routes[0]["nhid"])],
+                            check=False).stdout
         for bucket in json.loads(buckets or "[]"):
             box = by_address.get(members.get(bucket.get("bucket", {}).get("nhid"), ""), "?")
             shares[box] = shares.get(box, 0) + 1
@@ -644,3 +649,57 @@ __all__ = [
     "frr_unavailable_reason",
     "router_config",
 ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lbappliance.testing.bgplab`: the BGP lab with N boxes serving one VIP, held until
+    Ctrl-C / SIGTERM, then torn down (what `lbappliance lab up --bgp` would run)."""
+    import argparse
+    import sys
+
+    from lbappliance.core.models import ServicePort
+
+    parser = argparse.ArgumentParser(prog="python -m lbappliance.testing.bgplab")
+    parser.add_argument("--prefix", default="lbg")
+    parser.add_argument("--boxes", type=int, default=3)
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--resilient", action="store_true", help="resilient next-hop groups at the ToR")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    vip, node_port = "203.0.113.10", 30080
+    service = Service("default", "web", creation="1", ports=(ServicePort("http", "TCP", 80, node_port),),
+                      ingress_ips=(vip,))
+    lab = BgpLab(prefix=args.prefix, boxes=args.boxes, nodes=args.nodes, resilient=args.resilient)
+    boxes: list[BgpBox] = []
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        lab.up()
+        lab.serve_nodeports([node_port])
+        lab.serve_health_ports()
+        nodes = tuple(Node(h.name, (("InternalIP", h.ipv4),)) for h in lab.nodes)
+        for host in lab.appliances:
+            config = lab.box_config(host.name)
+            box = BgpBox(lab, host.name, config)
+            box.start(bgp_state(config, [service], nodes))
+            boxes.append(box)
+        lab.wait_next_hops(vip, {b.name for b in boxes}, timeout=60)
+        print(f"BGP lab up in {lab.workdir}: the ToR routes {vip} to {sorted(lab.next_hops(vip))}\n"
+              f"  ip netns exec {lab.client.netns} curl -s http://{vip}/\n"
+              f"  ip netns exec {lab.hosts['tor'].netns} ip route show {vip}\n"
+              f"  lbappliance status --config {lab.workdir / 'app1' / 'config.yaml'}\n"
+              "Ctrl-C to tear it down.", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while not stop.wait(3600):
+                pass
+    finally:
+        for box in boxes:
+            with contextlib.suppress(Exception):
+                box.stop()
+        lab.down()
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
