@@ -197,6 +197,9 @@ def test_local_policy_sends_only_to_nodes_with_ready_local_pods(env: dict[str, A
     vip = _ingress(core, ns, "local")[0]
     _serving(lab, vip)
     wait_for(lambda: kube.healthz("node3", 30211)[0] == 503, 10, what="node3's healthCheckNodePort 503 (no pod)")
+    # Both pods' nodes in the rotation first: on a loaded machine a new check may still be rising.
+    wait_for(lambda: _nodes(_sample(lab, vip, n=20)) == {"node1", "node2"}, 20, interval=0.2,
+             what="node1 and node2 both in the VIP's rotation")
     before = _sample(lab, vip, n=60)
     assert "error" not in before, before
     assert _nodes(before) == {"node1", "node2"}, before  # node3 would drop them (timeouts): it has no pod
