@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
 from typing import Any, Literal
 
-import jinja2
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from . import canonical
 from .models import DesiredState, Pool, address_sort_key, parse_address
+from .templates import environment
 
 AddressFamily = Literal["ipv4", "ipv6"]
 #: HAProxy's server states in which a server takes new connections (`show stat` status column).
@@ -277,23 +276,11 @@ def _sets_anything(spec: PoolAnnounce | None) -> bool:
     return spec is not None and (bool(spec.communities) or spec.local_preference is not None)
 
 
-@cache
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.PackageLoader("lbappliance", "templates"),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-
-
 def render_frr(name: str, bgp: BgpSettings, announced: Iterable[str], pools: Sequence[Pool]) -> str:
     """frr.conf for this box: its sessions, BFD profiles, the VIPs it announces now and the pools'
     route-maps. Byte-stable (sorted everywhere); applied by frr-reload.py, which sends only the diff."""
     routes = announcements(announced, pools, bgp)
-    return _environment().get_template("frr.conf.j2").render(
+    return environment().get_template("frr.conf.j2").render(
         hostname=canonical.dns_label(name),
         bgp=bgp,
         peers=sorted(bgp.peers, key=lambda p: address_sort_key(p.address)),

@@ -5,13 +5,11 @@ from __future__ import annotations
 import shlex
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import cache
-
-import jinja2
 
 from .config import ApplianceConfig, HealthCheckConfig
 from .health import health_monitors, is_monitor, monitor_name
 from .models import Backend, DesiredState, Server, host_port
+from .templates import environment
 
 # HAProxy reads at most 64 words a line (`acl allowed_sources src` takes 3) and, in older
 # versions, 2048 characters: 40 CIDRs of at most 43 characters each stay well inside both.
@@ -22,19 +20,6 @@ ACL_RANGES_PER_LINE = 40
 class RenderedConfigs:
     haproxy: str
     keepalived: str
-
-
-@cache
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("lbappliance", "templates"),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    return env
 
 
 def server_options(backend: Backend, server: Server | None = None) -> str:
@@ -159,7 +144,7 @@ def notify_command(state_dir: str) -> str:
 
 
 def render_haproxy(state: DesiredState, config: ApplianceConfig) -> str:
-    return _environment().get_template("haproxy.cfg.j2").render(
+    return environment().get_template("haproxy.cfg.j2").render(
         frontends=state.frontends,
         udp=state.udp,
         monitors=health_monitors(state),
@@ -173,7 +158,7 @@ def render_haproxy(state: DesiredState, config: ApplianceConfig) -> str:
 
 
 def render_keepalived(state: DesiredState, config: ApplianceConfig) -> str:
-    return _environment().get_template("keepalived.conf.j2").render(
+    return environment().get_template("keepalived.conf.j2").render(
         name=config.name,
         vrrp=config.vrrp,
         instances=state.vrrp,
