@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .netlab import HOST_IFACE, LabError, LabHost, NetworkLab
+from .netlab import HOST_IFACE, UDP_ECHO_SNIPPET, LabError, LabHost, NetworkLab
 from .wait import wait_for
 
 log = logging.getLogger(__name__)
@@ -73,28 +73,6 @@ POD_IFACE = "pods"
 MAX_KUBE_NODES = 16  # 198.51.100.0/24 split into /28s
 
 _HERE = Path(__file__).resolve().parent
-
-_UDP_ECHO = r"""
-import selectors, socket, sys
-name = sys.argv[1].encode()
-sel = selectors.DefaultSelector()
-for spec in sys.argv[2:]:
-    addr, _, port = spec.rpartition(":")
-    s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((addr.strip("[]"), int(port)))
-    s.setblocking(False)
-    sel.register(s, selectors.EVENT_READ)
-print("ready", flush=True)
-while True:
-    for key, _ in sel.select():
-        while True:
-            try:
-                data, peer = key.fileobj.recvfrom(2048)
-            except BlockingIOError:
-                break
-            key.fileobj.sendto(name + b" " + data, peer)
-"""
-
 
 def pod_ranges(node: str) -> tuple[str, str]:
     """Node K's pod ranges: 198.51.100.16(K-1)/28 and 2001:db8:1:K::/64 (documentation ranges)."""
@@ -466,7 +444,7 @@ class KubeNodes:
         pod.procs.append(self.lab.spawn(h, ["haproxy", "-db", "-f", str(cfg)], log_name=f"pod-{name}"))
         if udp:
             specs = [f"{a}:{p}" for a in (pod.ipv4, pod.ipv6) if a for p in POD_UDP_PORTS]
-            pod.procs.append(self.lab.spawn(h, [sys.executable, "-I", "-S", "-u", "-c", _UDP_ECHO, pod.ident,
+            pod.procs.append(self.lab.spawn(h, [sys.executable, "-I", "-S", "-u", "-c", UDP_ECHO_SNIPPET, pod.ident,
                                                 *specs], log_name=f"pod-{name}-udp"))
         addr = pod.ipv4 or pod.ipv6 or ""
         try:

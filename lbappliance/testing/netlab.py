@@ -129,16 +129,21 @@ sys.exit(1 if pending else 0)
 """
 
 
-# A UDP echo responder for node hosts: every datagram on any of the ports is answered with
-# "<nodename> <payload>", so a client sees which node a flow reached (dual-stack sockets).
-_UDP_ECHO_SNIPPET = r"""
+# A UDP echo responder: every datagram is answered with "<name> <payload>", so a client sees which
+# node (or pod) a flow reached. Each argument after the name is a port (one dual-stack socket on
+# `::`) or an `address:port` (`[v6]:port` for IPv6) to bind just that address.
+UDP_ECHO_SNIPPET = r"""
 import selectors, socket, sys
 name = sys.argv[1].encode()
 sel = selectors.DefaultSelector()
-for p in sys.argv[2:]:
-    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    s.bind(("::", int(p)))
+for spec in sys.argv[2:]:
+    addr, _, port = spec.rpartition(":")
+    if addr:
+        s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
+    else:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind((addr.strip("[]") or "::", int(port)))
     s.setblocking(False)
     sel.register(s, selectors.EVENT_READ)
 print("ready", flush=True)
@@ -891,7 +896,7 @@ class NetworkLab:
             old = self._udp_echos.pop(h.name, None)
             if old is not None:
                 self.stop(old)
-            argv = [sys.executable, "-I", "-S", "-u", "-c", _UDP_ECHO_SNIPPET, h.name, *map(str, sorted(current))]
+            argv = [sys.executable, "-I", "-S", "-u", "-c", UDP_ECHO_SNIPPET, h.name, *map(str, sorted(current))]
             proc = self.spawn(h, argv, log_name=f"{h.name}-udp")
             self._udp_echos[h.name] = proc
             deadline = time.monotonic() + 10
