@@ -98,6 +98,7 @@ class Informer:
     synced: threading.Event = field(default_factory=threading.Event)
     requests: int = 0
     relists: int = 0
+    generation: int = 0  # bumped on every change to the cache, so readers can skip unchanged work
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -121,12 +122,18 @@ class Informer:
         with self._lock:
             return list(self.cache.values())
 
+    def snapshot(self) -> tuple[int, list[dict[str, Any]]]:
+        """The cache's generation and its objects, read together."""
+        with self._lock:
+            return self.generation, list(self.cache.values())
+
     def update_local(self, obj: Mapping[str, Any]) -> None:
         """Record our own write so the next pass sees it before the watch event arrives."""
         with self._lock:
             current = self.cache.get(_key(obj))
             if current is None or _rv(obj) >= _rv(current):
                 self.cache[_key(obj)] = dict(obj)
+                self.generation += 1
 
     def _relist(self) -> str:
         self.requests += 1
@@ -138,6 +145,7 @@ class Informer:
         items = {_key(obj): obj for obj in listing.get("items") or []}
         with self._lock:
             self.cache = items
+            self.generation += 1
         self.relists += 1
         self.synced.set()
         self.on_change()
@@ -201,6 +209,7 @@ class Informer:
                         self.cache.pop(_key(raw), None)
                     else:
                         self.cache[_key(raw)] = raw
+                    self.generation += 1
                 self.on_change()
                 if self._stop.is_set():
                     break
@@ -462,6 +471,7 @@ class Cluster:
         self._slices = Informer("endpointslices", client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces,
                                 on_change)
         self._parsed_services, self._parsed_nodes = ParsedObjects("Service"), ParsedObjects("Node")
+        self._counted: tuple[int, dict[str, dict[Family, dict[str, int]]]] = (-1, {})
         self.publisher = Publisher(api, identity, self._services.update_local)
 
     def services(self) -> Parsed:
@@ -473,8 +483,12 @@ class Cluster:
         return Parsed(tuple(items), tuple(errors))
 
     def endpoints(self) -> dict[str, dict[Family, dict[str, int]]]:
-        """Service key -> family -> node -> ready endpoints (`core/kube.endpoint_counts`)."""
-        return endpoint_counts(self._slices.items())
+        """Service key -> family -> node -> ready endpoints (`core/kube.endpoint_counts`), counted
+        again only when a slice changed: every pass asks, and a cluster has thousands of slices."""
+        if self._counted[0] != self._slices.generation:
+            generation, slices = self._slices.snapshot()
+            self._counted = (generation, endpoint_counts(slices))
+        return self._counted[1]
 
     def start(self) -> None:
         for informer in (self._services, self._nodes, self._slices):

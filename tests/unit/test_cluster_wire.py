@@ -328,3 +328,20 @@ def test_a_bare_lease_without_spec_is_taken_not_a_crash_of_the_election_thread()
     assert elector.try_acquire_or_renew() is True
     method, _, sent = pool.requests[1]
     assert method == "PUT" and sent["spec"]["holderIdentity"] == "app1"
+
+
+def test_endpoint_counts_are_counted_again_only_when_a_slice_changed() -> None:
+    from lbappliance.edges.cluster import Cluster
+
+    cluster = Cluster(api_with(FakePool([])), lambda: None, "app1")
+    piece = {"kind": "EndpointSlice", "addressType": "IPv4",
+             "metadata": {"name": "web-1", "namespace": "ns", "resourceVersion": "1",
+                          "labels": {"kubernetes.io/service-name": "web"}},
+             "endpoints": [{"addresses": ["198.51.100.9"], "nodeName": "node1", "conditions": {"ready": True}}]}
+    cluster._slices.update_local(piece)
+    first = cluster.endpoints()
+    assert first == {"ns/web": {"IPv4": {"node1": 1}}}
+    assert cluster.endpoints() is first  # nothing changed: not counted again
+    cluster._slices.update_local({**piece, "metadata": {**piece["metadata"], "resourceVersion": "2"},
+                                  "endpoints": piece["endpoints"] * 2})
+    assert cluster.endpoints() == {"ns/web": {"IPv4": {"node1": 2}}}
