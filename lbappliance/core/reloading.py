@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from .config import ApplianceConfig
@@ -14,8 +15,8 @@ RESTART_FIELDS = ("name", "processMode", "paths.keepalivedConfig", "paths.keepal
 EXTERNAL_RESTART_FIELDS = ("paths.stateDir", "paths.haproxyConfig", "paths.haproxyBinary")
 
 
-def _field(config: ApplianceConfig, dotted: str) -> Any:
-    data: Any = config.model_dump(by_alias=True)
+def _field(dumped: Mapping[str, Any], dotted: str) -> Any:
+    data: Any = dumped
     for part in dotted.split("."):
         data = data[part]
     return data
@@ -24,7 +25,8 @@ def _field(config: ApplianceConfig, dotted: str) -> Any:
 def restart_required(old: ApplianceConfig, new: ApplianceConfig) -> tuple[str, ...]:
     """The fields that differ between `old` and `new` and cannot change while running."""
     fields = RESTART_FIELDS + (EXTERNAL_RESTART_FIELDS if old.process_mode == "external" else ())
-    return tuple(f for f in fields if _field(old, f) != _field(new, f))
+    before, after = old.model_dump(by_alias=True), new.model_dump(by_alias=True)
+    return tuple(f for f in fields if _field(before, f) != _field(after, f))
 
 
 def changed_sections(old: ApplianceConfig, new: ApplianceConfig) -> tuple[str, ...]:

@@ -199,7 +199,6 @@ def test_a_rejected_apply_releases_nothing(config) -> None:  # type: ignore[no-u
     world = World({"default/web": served("web", "192.0.2.240", deleting=True),
                    "default/db": served("db", "192.0.2.241", port=5432, node_port=30432)})
     r = reconciler(world, FakeDataPlane(world, kind="rejected"))
-    r.data_plane.apply = lambda state: ApplyResult("rejected", message="nope")  # type: ignore[method-assign]
     verdict = r.run_pass(config, POOLS, leader=True)
     assert not any(step[0] == "set_finalizer" for step in world.journal)
     assert verdict.released == 0 and verdict.apply == "rejected"
