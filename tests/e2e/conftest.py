@@ -128,3 +128,28 @@ def lab_available() -> None:
         if _in_ci():
             pytest.fail(f"network lab unavailable in CI: {reason}", pytrace=False)
         pytest.skip(f"network lab unavailable: {reason}")
+
+
+# A dual-stack Service range: the session control plane's is IPv4-only.
+DUAL_SERVICE_CIDRS = "10.96.0.0/16,2001:db8:ffff::/108"
+
+
+def dual_stack_control_plane(control_plane_bin: Path) -> Iterator[Any]:
+    """A control plane of its own with a dual-stack Service range, stopped when the caller is done.
+
+    The PKI's SAN computation keeps a single-stack service CIDR; the flag given last wins."""
+    from lbappliance.testing.controlplane import ControlPlane
+
+    pytest.importorskip("cryptography")
+    cp = ControlPlane(control_plane_bin, extra_apiserver_args=[f"--service-cluster-ip-range={DUAL_SERVICE_CIDRS}"])
+    cp.start()
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture(scope="module")
+def dual_cp(control_plane_bin: Path) -> Iterator[Any]:
+    """A dual-stack control plane per module (its Nodes and Services are that module's alone)."""
+    yield from dual_stack_control_plane(control_plane_bin)

@@ -14,7 +14,6 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,23 +25,8 @@ from tests.e2e.conftest import FIELD_MANAGER, RBAC_MANIFEST
 
 pytestmark = pytest.mark.e2e
 
-SERVICE_CIDRS = "10.96.0.0/16,2001:db8:ffff::/108"
 ECHO_NODE_PORT, DNS_NODE_PORT, DUAL_NODE_PORT = 30107, 30153, 30180
 MANY_BASE, MANY = 30200, 20
-
-
-@pytest.fixture(scope="module")
-def dual_cp(control_plane_bin: Path) -> Iterator[Any]:
-    from lbappliance.testing.controlplane import ControlPlane
-
-    pytest.importorskip("cryptography")
-    # service_cidr stays single-stack for the PKI's SAN computation; the flag given last wins.
-    cp = ControlPlane(control_plane_bin, extra_apiserver_args=[f"--service-cluster-ip-range={SERVICE_CIDRS}"])
-    cp.start()
-    try:
-        yield cp
-    finally:
-        cp.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,13 @@ import pytest
 
 from lbappliance.testing.kubenodes import V4
 from lbappliance.testing.wait import wait_for
-from tests.e2e.test_real_nodes import _env, dual_cp  # noqa: F401 - dual_cp is a fixture used by `env`
+from tests.e2e.test_real_nodes import _env
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def env(dual_cp: Any, lab_available: None, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+def env(dual_cp: Any, lab_available: None, tmp_path_factory: pytest.TempPathFactory
         ) -> Iterator[dict[str, Any]]:
     yield from _env(dual_cp, tmp_path_factory.mktemp("doctor"), "lbd", {f"node{k}": V4 for k in (1, 2)})
 

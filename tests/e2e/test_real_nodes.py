@@ -27,11 +27,10 @@ import pytest
 from lbappliance.testing.kubenodes import DUAL, V4, V6, KubeNodes, answer_node, answer_pod, entry_node
 from lbappliance.testing.prober import Probe, probe_in, target
 from lbappliance.testing.wait import wait_for
-from tests.e2e.conftest import FIELD_MANAGER, RBAC_MANIFEST
+from tests.e2e.conftest import FIELD_MANAGER, RBAC_MANIFEST, dual_stack_control_plane
 
 pytestmark = pytest.mark.e2e
 
-SERVICE_CIDRS = "10.96.0.0/16,2001:db8:ffff::/108"
 HEALTH_MS, FALL = 500, 2
 #: How long a node may still get new requests after it says it cannot take them: `fall` failed
 #: checks at the interval, the first one up to an interval late, and a second of slack for a busy CI.
@@ -39,29 +38,11 @@ OUT_WITHIN = HEALTH_MS / 1000 * (FALL + 1) + 1.0
 CLIENT = "192.0.2.100"
 
 
-def _dual_cp(control_plane_bin: Path) -> Iterator[Any]:
-    from lbappliance.testing.controlplane import ControlPlane
-
-    pytest.importorskip("cryptography")
-    cp = ControlPlane(control_plane_bin, extra_apiserver_args=[f"--service-cluster-ip-range={SERVICE_CIDRS}"])
-    cp.start()
-    try:
-        yield cp
-    finally:
-        cp.stop()
-
-
-@pytest.fixture(scope="module")
-def dual_cp(control_plane_bin: Path) -> Iterator[Any]:
-    """A dual-stack control plane (the session one has an IPv4-only Service range)."""
-    yield from _dual_cp(control_plane_bin)
-
-
 @pytest.fixture(scope="module")
 def mixed_cp(control_plane_bin: Path) -> Iterator[Any]:
     """Its own control plane: two labs' Nodes of the same names on one would overwrite each other,
     and both daemon pairs would serve both labs' Services."""
-    yield from _dual_cp(control_plane_bin)
+    yield from dual_stack_control_plane(control_plane_bin)
 
 
 def _env(dual_cp: Any, workdir: Path, prefix: str, families: dict[str, tuple[str, ...]]) -> Iterator[dict[str, Any]]:
