@@ -42,8 +42,6 @@ from .netlab import (
     LabError,
     LabHost,
     NetworkLab,
-    _acquire_lock,
-    _cleanup_stale_locked,
     _host_number,
     _list_netns,
     _run,
@@ -315,6 +313,8 @@ def router_config(boxes: list[LabHost], *, maximum_paths: int = 16, password: st
 class BgpLab(NetworkLab):
     """NetworkLab in the BGP shape: `tor`, `app1..appN` and nodes on the segment, the client behind the ToR."""
 
+    WORKDIR_PREFIX = "lbappliance-bgplab"
+
     def __init__(self, prefix: str = "lbg", boxes: int = 3, nodes: int = 3, workdir: Path | None = None,
                  password: str | None = None, resilient: bool = False) -> None:
         super().__init__(prefix=prefix, nodes=nodes, workdir=workdir)
@@ -325,39 +325,23 @@ class BgpLab(NetworkLab):
         self.resilient = resilient
         self.frr: dict[str, FrrDaemons] = {}
 
-    def up(self) -> None:
-        if self._up:
-            return
-        self._lock = _acquire_lock(self.prefix)
-        try:
-            for extra in EXTRA_NETNS:  # left by a crashed BgpLab with this prefix
-                if f"{self.prefix}-{extra}" in _list_netns():
-                    _run(["ip", "netns", "del", f"{self.prefix}-{extra}"], check=False)
-            _cleanup_stale_locked(self.prefix)
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            self.pidfile.write_text("")
-            if self._workdir_arg is None:
-                import tempfile
-                self.workdir = Path(tempfile.mkdtemp(prefix=f"lbappliance-bgplab-{self.prefix}-"))
-                self._own_workdir = True
-            else:
-                self.workdir = self._workdir_arg
-                self.workdir.mkdir(parents=True, exist_ok=True)
-            (self.workdir / "logs").mkdir(exist_ok=True)
-            self._up = True
-            self._build_switch()
-            self._add_host(LabHost("tor", f"{self.prefix}-tor", ROUTER_V4, ROUTER_V6, "router"))  # type: ignore[arg-type]
-            for k in range(1, self._boxes + 1):
-                self._add_box(k)
-            for k in range(1, self._initial_nodes + 1):
-                n = _host_number(f"node{k}")
-                self._add_host(LabHost(f"node{k}", f"{self.prefix}-node{k}", f"192.0.2.{n}",
-                                       f"2001:db8:0:1::{n:x}", "node"))
-            self._add_client()
-            self._router_setup()
-        except BaseException:
-            self.down()
-            raise
+    def _clear_stale(self) -> None:
+        for extra in EXTRA_NETNS:  # left by a crashed BgpLab with this prefix
+            if f"{self.prefix}-{extra}" in _list_netns():
+                _run(["ip", "netns", "del", f"{self.prefix}-{extra}"], check=False)
+        super()._clear_stale()
+
+    def _add_hosts(self) -> None:
+        """The ToR, the boxes, the nodes and the client behind the ToR."""
+        self._add_host(LabHost("tor", f"{self.prefix}-tor", ROUTER_V4, ROUTER_V6, "router"))  # type: ignore[arg-type]
+        for k in range(1, self._boxes + 1):
+            self._add_box(k)
+        for k in range(1, self._initial_nodes + 1):
+            n = _host_number(f"node{k}")
+            self._add_host(LabHost(f"node{k}", f"{self.prefix}-node{k}", f"192.0.2.{n}",
+                                   f"2001:db8:0:1::{n:x}", "node"))
+        self._add_client()
+        self._router_setup()
 
     def _add_box(self, k: int) -> LabHost:
         n = box_host_number(box_name(k))

@@ -406,6 +406,8 @@ class NetworkLab:
             status, body = lab.http_get("client", f"http://{lab.nodes[0].ipv4}:30080/")
     """
 
+    WORKDIR_PREFIX = "lbappliance-lab"  # of the private directory made for each run
+
     def __init__(self, prefix: str = "lbt", nodes: int = 3, workdir: Path | None = None) -> None:
         _check_prefix(prefix)
         if not 1 <= nodes <= MAX_NODES:
@@ -490,13 +492,11 @@ class NetworkLab:
             return
         self._lock = _acquire_lock(self.prefix)
         try:
-            removed = _cleanup_stale_locked(self.prefix)
-            if removed:
-                log.warning("removed stale lab namespaces: %s", removed)
+            self._clear_stale()
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self.pidfile.write_text("")
             if self._workdir_arg is None:
-                self.workdir = Path(tempfile.mkdtemp(prefix=f"lbappliance-lab-{self.prefix}-"))
+                self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.WORKDIR_PREFIX}-{self.prefix}-"))
                 self._own_workdir = True
             else:
                 self.workdir = self._workdir_arg
@@ -504,13 +504,23 @@ class NetworkLab:
             (self.workdir / "logs").mkdir(exist_ok=True)
             self._up = True
             self._build_switch()
-            for name, role in (("app1", "appliance"), ("app2", "appliance"), ("client", "client")):
-                self._add_host(_make_host(self.prefix, name, role))  # type: ignore[arg-type]
-            for k in range(1, self._initial_nodes + 1):
-                self._add_host(_make_host(self.prefix, f"node{k}", "node"))
+            self._add_hosts()
         except BaseException:
             self.down()
             raise
+
+    def _clear_stale(self) -> None:
+        """What a crashed lab with this prefix left (namespaces, processes); under the lock."""
+        removed = _cleanup_stale_locked(self.prefix)
+        if removed:
+            log.warning("removed stale lab namespaces: %s", removed)
+
+    def _add_hosts(self) -> None:
+        """The lab's hosts on the switch: two appliances, a client and the nodes."""
+        for name, role in (("app1", "appliance"), ("app2", "appliance"), ("client", "client")):
+            self._add_host(_make_host(self.prefix, name, role))  # type: ignore[arg-type]
+        for k in range(1, self._initial_nodes + 1):
+            self._add_host(_make_host(self.prefix, f"node{k}", "node"))
 
     def down(self) -> None:
         """Stop every process, delete every namespace, remove the state dir; safe to call twice."""
