@@ -240,6 +240,11 @@ class PathSettings(_Strict):
         return f"{self.state_dir}/haproxy.pid"
 
     @property
+    def haproxy_server_state(self) -> str:
+        """Servers' health as the running worker knows it, saved before a reload for the next one."""
+        return f"{self.state_dir}/haproxy-servers.state"
+
+    @property
     def keepalived_pidfile(self) -> str:
         return f"{self.state_dir}/keepalived.pid"
 

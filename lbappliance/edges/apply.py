@@ -96,7 +96,8 @@ class DataPlane:
         Path(paths.state_dir).mkdir(parents=True, exist_ok=True)
         prefix = list(self.netns_prefix or [])
         return (HAProxy(paths.haproxy_config, paths.master_socket, paths.runtime_socket,
-                        paths.haproxy_pidfile, paths.haproxy_binary, prefix, f"{paths.state_dir}/haproxy.log"),
+                        paths.haproxy_pidfile, paths.haproxy_binary, prefix, f"{paths.state_dir}/haproxy.log",
+                        paths.haproxy_server_state),
                 Keepalived(paths.keepalived_config, paths.state_dir, paths.keepalived_pidfile,
                            paths.keepalived_binary, prefix, f"{paths.state_dir}/keepalived.log"),
                 Nftables(paths.state_dir, paths.nft_binary, prefix))

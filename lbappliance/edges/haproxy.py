@@ -10,6 +10,7 @@ dynamic servers (`add server`) do not inherit `default-server`, start in mainten
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -20,8 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import read_text
+from .files import atomic_write, read_text
 from .processes import alive, spawn_logged, stop_child, stop_pid, wait_ready
+
+log = logging.getLogger(__name__)
 
 
 class HaproxyError(RuntimeError):
@@ -121,6 +124,7 @@ class HAProxy:
     binary: str = "/usr/sbin/haproxy"
     argv_prefix: Sequence[str] = ()
     log_path: str | None = None
+    server_state_file: str | None = None  # the config's `server-state-file`; beside the pidfile if unset
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     # ---- process control
@@ -134,22 +138,41 @@ class HAProxy:
 
         `take_over`: a running master on other paths (a reload moved the state dir). The new one
         receives its listening sockets over its runtime socket (`-x`, `expose-fd listeners`), so
-        no connection is refused in between, then tells it to finish its connections and exit
-        (`-sf`): the same hand-over a seamless reload does, across paths.
+        no connection is refused in between. Only once a new worker answers is the old master told
+        to finish its connections and exit (SIGUSR1, a soft stop): with `-sf` the new master signals
+        it as it forks, and a SYN could wait on nobody while the new worker was still starting.
         """
         if self.running():
             raise HaproxyError(f"haproxy already running as pid {self.master_pid()}")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.pidfile)
+        for stale in (self.pidfile, self.server_state_path):  # a cold start trusts its own checks
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
         argv = self.argv()
         old_pid = take_over.master_pid() if take_over is not None else None
         if take_over is not None and old_pid is not None:
-            argv += ["-x", take_over.runtime_socket, "-sf", str(old_pid)]
+            argv += ["-x", take_over.runtime_socket]
+            take_over.save_server_state(self.server_state_path)
         self.proc = spawn_logged(argv, self.log_path)
         problem = wait_ready(self.proc, lambda: bool(self.show_proc().workers and self.runtime("show info")),
                              timeout, (HaproxyError,))
         if problem is not None:
             raise HaproxyError(f"haproxy {problem}; see {self.log_path}")
+        if old_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old_pid, signal.SIGUSR1)
+
+    @property
+    def server_state_path(self) -> str:
+        return self.server_state_file or str(Path(self.pidfile).with_name("haproxy-servers.state"))
+
+    def save_server_state(self, path: str | None = None) -> None:
+        """Which servers the checks hold DOWN, to the file the next worker loads (`server-state-file`):
+        a new worker assumes every server UP, and sends a dead node traffic until its checks fail
+        again. Best effort: without the file the next worker starts from its checks."""
+        try:
+            atomic_write(Path(path or self.server_state_path), down_servers_only(self.runtime("show servers state")))
+        except (HaproxyError, OSError) as exc:
+            log.debug("server state not saved: %s", exc)
 
     def master_pid(self) -> int | None:
         try:
@@ -183,6 +206,7 @@ class HAProxy:
         """Seamless reload; success means the failed counter held and a new worker answers the CLI."""
         start = time.monotonic()
         before = self.show_proc()
+        self.save_server_state()
         with contextlib.suppress(HaproxyError):
             self.master("reload", timeout)  # 2.6.12 closes the connection without an answer
         deadline = start + timeout
@@ -296,6 +320,20 @@ class HAProxy:
         lines = self.runtime(f"show stat {selector}".strip()).splitlines()
         header = lines[0].lstrip("# ").split(",") if lines else []
         return [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
+
+
+def down_servers_only(dump: str) -> str:
+    """`show servers state` reduced to the servers its checks hold DOWN (operational state 0), in
+    no maintenance: everything else comes from the new config (weights, addresses, runtime
+    maintenance of servers awaiting deletion must not outlive the reload that drops them)."""
+    lines = dump.splitlines()
+    kept = [lines[0]] if lines else []
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) > 6 and not line.startswith("#") and fields[5] == "0":
+            fields[6] = "0"
+            kept.append(" ".join(fields))
+    return "\n".join(kept) + "\n" if kept else ""
 
 
 def parse_server_checks(text: str) -> dict[tuple[str, str], tuple[str, str]]:

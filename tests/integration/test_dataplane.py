@@ -164,6 +164,29 @@ def test_failing_health_check_stops_traffic(served_lab: NetworkLab, plane: tuple
     assert holds_within(lambda: dp.server_health()[(backend, "node2")] == "UP", 5)
 
 
+def test_a_node_the_checks_hold_down_stays_down_across_a_reload(served_lab: NetworkLab,
+                                                                plane: tuple[DataPlane, ApplianceConfig]) -> None:
+    """A new worker assumes every server UP: without the saved state a dead node would get
+    requests until its checks failed again (`fall` intervals), once per reload."""
+    dp, config = plane
+    base = web_service()
+    alt = replace(base, ports=(*base.ports, ServicePort("alt", "TCP", 8080, NODE_PORT)))
+    served_lab.set_health("node2", 10256, healthy=False)
+    try:
+        assert holds_within(lambda: dp.server_health()[("be_default_web_tcp80_v4", "node2")] == "DOWN", 10, 0.05)
+        reloads = dp.haproxy.show_proc().reloads
+        assert dp.apply(lab_state(config, [alt], lab_nodes(served_lab))).kind == "reload"
+        assert dp.haproxy.show_proc().reloads == reloads + 1
+        health = dp.server_health()  # the new worker, before any of its own checks could have failed
+        assert health[("be_default_web_tcp80_v4", "node2")] == "DOWN", health
+        assert health[("be_default_web_tcp8080_v4", "node2")] == "DOWN", health  # a new backend too
+        assert health[("be_default_web_tcp80_v4", "node1")] == "UP", health
+    finally:
+        served_lab.set_health("node2", 10256, healthy=True)
+    assert holds_within(lambda: dp.server_health()[("be_default_web_tcp80_v4", "node2")] == "UP", 10), \
+        "a node restored from the saved state came back when its checks passed"
+
+
 def test_one_check_per_node_however_many_services(served_lab: NetworkLab,
                                                   plane: tuple[DataPlane, ApplianceConfig]) -> None:
     """Twenty Services on kube-proxy's port: HAProxy checks each node once, and one failing check

@@ -345,3 +345,16 @@ def test_endpoint_counts_are_counted_again_only_when_a_slice_changed() -> None:
     cluster._slices.update_local({**piece, "metadata": {**piece["metadata"], "resourceVersion": "2"},
                                   "endpoints": piece["endpoints"] * 2})
     assert cluster.endpoints() == {"ns/web": {"IPv4": {"node1": 2}}}
+
+
+def test_only_servers_the_checks_hold_down_carry_over_a_reload_and_never_in_maintenance() -> None:
+    from lbappliance.edges.haproxy import down_servers_only
+
+    dump = ("1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight\n"
+            "2 b 1 dead 192.0.2.13 0 0 1 1 1 8 2 0 6 0 0 0 - 30080 - 0 0 - - 0\n"
+            "2 b 2 gone 192.0.2.12 0 1 1 1 0 1 0 0 0 0 0 0 - 30080 - 0 0 - - 0\n"
+            "2 b 3 up 192.0.2.11 2 0 3 3 9 6 3 4 6 0 0 0 - 30080 - 0 0 - - 0\n")
+    assert down_servers_only(dump).splitlines() == [
+        "1",
+        "2 b 1 dead 192.0.2.13 0 0 1 1 1 8 2 0 6 0 0 0 - 30080 - 0 0 - - 0",
+        "2 b 2 gone 192.0.2.12 0 0 1 1 0 1 0 0 0 0 0 0 - 30080 - 0 0 - - 0"]
