@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +65,53 @@ def _client(kubeconfig: Path) -> Any:
     return config.new_client_from_config(config_file=str(kubeconfig))
 
 
+# The session control plane's admin client, once a module asked for it: the module teardown below
+# wipes what that module left in the shared cluster.
+_SESSION_ADMIN: list[Any] = []
+
+
 @pytest.fixture(scope="session")
 def admin_api(control_plane: Any) -> Iterator[Any]:
     """``kubernetes.client.ApiClient`` as cluster admin (O=system:masters)."""
     client = _client(control_plane.admin_kubeconfig)
+    _SESSION_ADMIN.append(client)
     yield client
+    _SESSION_ADMIN.clear()
     client.close()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _each_module_leaves_the_shared_cluster_empty() -> Iterator[None]:
+    """Nodes, Services, EndpointSlices and leader Leases one module made are gone before the next.
+
+    A Node left behind by another module's lab (its address routes nowhere in this one) is a dead
+    server in every backend: each HAProxy reload starts it UP, and a request lands on it."""
+    yield
+    if _SESSION_ADMIN:
+        wipe_cluster(_SESSION_ADMIN[0])
+
+
+def wipe_cluster(admin_api: Any) -> None:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    core, discovery, coord = client.CoreV1Api(admin_api), client.DiscoveryV1Api(admin_api), client.CoordinationV1Api(admin_api)
+    for ns in core.list_namespace().items:
+        delete_services(core, ns.metadata.name, keep={"kubernetes"} if ns.metadata.name == "default" else ())
+        for eps in discovery.list_namespaced_endpoint_slice(ns.metadata.name).items:
+            if eps.metadata.name != "kubernetes":
+                with contextlib.suppress(ApiException):
+                    discovery.delete_namespaced_endpoint_slice(eps.metadata.name, ns.metadata.name)
+        for lease in coord.list_namespaced_lease(ns.metadata.name).items:
+            if lease.metadata.name.startswith("lbappliance"):
+                with contextlib.suppress(ApiException):
+                    coord.delete_namespaced_lease(lease.metadata.name, ns.metadata.name)
+    for node in core.list_node().items:
+        with contextlib.suppress(ApiException):
+            if node.metadata.finalizers:
+                core.patch_node(node.metadata.name, {"metadata": {"finalizers": None}},
+                                _content_type="application/merge-patch+json")
+            core.delete_node(node.metadata.name)
 
 
 @pytest.fixture(scope="session")
@@ -106,11 +147,13 @@ def namespace(admin_api: Any) -> Iterator[str]:
     delete_services(core, name)
 
 
-def delete_services(core: Any, namespace: str) -> None:
-    """Delete every Service in `namespace`, dropping finalizers no controller is left to remove."""
+def delete_services(core: Any, namespace: str, keep: Collection[str] = ()) -> None:
+    """Delete every Service in `namespace` (but `keep`), dropping finalizers no controller is left to remove."""
     from kubernetes.client.exceptions import ApiException
 
     for svc in core.list_namespaced_service(namespace).items:
+        if svc.metadata.name in keep:
+            continue
         with contextlib.suppress(ApiException):
             if svc.metadata.finalizers:
                 core.patch_namespaced_service(svc.metadata.name, namespace, {"metadata": {"finalizers": None}},
