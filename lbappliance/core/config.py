@@ -193,6 +193,24 @@ class HealthCheckConfig(_Strict):
     drain_timeout_seconds: int = Field(default=300, alias="drainTimeoutSeconds", ge=0, le=86400)
 
 
+class StickTablePeer(_Strict):
+    """One box's HAProxy in the `peers` section: stick tables (sessionAffinity ClientIP) are pushed
+    to every listed box, so a client keeps its node when its flows reach another box."""
+
+    name: str  # that box's `name`
+    address: str  # ADDRESS:PORT that box's HAProxy listens on for table updates
+
+    @field_validator("name")
+    @classmethod
+    def _peer_name(cls, v: str) -> str:
+        return canonical.dns_label(v)
+
+    @field_validator("address")
+    @classmethod
+    def _peer_address(cls, v: str) -> str:
+        return canonical.host_port(v)
+
+
 class HaproxySettings(_Strict):
     hard_stop_after: str = Field(default="30s", alias="hardStopAfter", pattern=r"^[0-9]+(ms|s|m|h)$")
     max_reloads: int = Field(default=50, alias="maxReloads", ge=1, le=10000)
@@ -201,6 +219,27 @@ class HaproxySettings(_Strict):
     timeout_client: str = Field(default="1h", alias="timeoutClient", pattern=r"^[0-9]+(ms|s|m|h)$")
     timeout_server: str = Field(default="1h", alias="timeoutServer", pattern=r"^[0-9]+(ms|s|m|h)$")
     stats_address: str | None = Field(default="127.0.0.1:8405", alias="statsAddress")
+    # Every box (this one included) that shares stick tables. Empty: only this box's own old and
+    # new workers share them, over `localPeerAddress`, so a reload keeps every client's node.
+    peers: tuple[StickTablePeer, ...] = ()
+    local_peer_address: str = Field(default="127.0.0.1:10000", alias="localPeerAddress")
+
+    @field_validator("local_peer_address")
+    @classmethod
+    def _local_peer(cls, v: str) -> str:
+        return canonical.host_port(v)
+
+    @model_validator(mode="after")
+    def _distinct_peers(self) -> HaproxySettings:
+        for what, values in (("name", [p.name for p in self.peers]), ("address", [p.address for p in self.peers])):
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ValueError(f"peers: {what} {', '.join(twice)} listed twice")
+        return self
+
+    def table_peers(self, own_name: str) -> tuple[StickTablePeer, ...]:
+        """The `peers` section's members: the configured boxes, or this box alone."""
+        return self.peers or (StickTablePeer(name=own_name, address=self.local_peer_address),)
 
     @field_validator("stats_address")
     @classmethod
@@ -282,17 +321,28 @@ class ApplianceConfig(_Strict):
     def _name(cls, v: str) -> str:
         return canonical.dns_label(v)
 
+    @model_validator(mode="after")
+    def _listed_among_its_peers(self) -> ApplianceConfig:
+        names = [p.name for p in self.haproxy.peers]
+        if names and self.name not in names:
+            raise ValueError(f"haproxy.peers lists {', '.join(names)} but not this box ({self.name!r}, its `name`): "
+                             "HAProxy would not know which peer it is")
+        return self
+
     @field_validator("metrics_address")
     @classmethod
     def _metrics(cls, v: str) -> str:
         return canonical.host_port(v)
 
     def own_addresses(self) -> tuple[IPAddress, ...]:
-        """The appliance's and its peers' addresses and the configured VRRP anchors: never to be
-        handed out as VIPs."""
+        """The appliance's and its peers' addresses (VRRP, stick-table and BGP peers, the BGP router
+        id) and the configured VRRP anchors: never to be handed out as VIPs."""
         v = self.vrrp
         raw = [v.unicast_src_ip, v.unicast_src_ip6, *v.unicast_peers, *v.unicast_peers6]
-        return tuple(canonical.address(a) for a in raw if a) + v.anchors()
+        raw += [p.address.rpartition(":")[0].strip("[]") for p in self.haproxy.peers]
+        if self.announce.mode == "bgp" and self.announce.bgp is not None:
+            raw += [self.announce.bgp.router_id, *(p.address for p in self.announce.bgp.peers)]
+        return tuple(dict.fromkeys(canonical.address(a) for a in raw if a)) + v.anchors()
 
 
 class LabelRequirementSpec(_Strict):
@@ -521,7 +571,8 @@ def build_pools(
                 if address in rng:
                     errors.append(FieldError(
                         file, f"{base}.addresses[{j}]",
-                        f"{text!r} contains {address}, an address of this appliance or its peer, or a VRRP anchor",
+                        f"{text!r} contains {address}, an address of this appliance or a peer (VRRP, stick "
+                        "table, BGP), its BGP router id, or a VRRP anchor",
                     ))
             ranges.append(rng)
             located.append((rng.first.version, int(rng.first), int(rng.last), i, j, pool_spec.name))

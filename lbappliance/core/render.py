@@ -154,6 +154,9 @@ def render_haproxy(state: DesiredState, config: ApplianceConfig) -> str:
         haproxy=config.haproxy,
         health=config.health_check,
         acl_ranges_per_line=ACL_RANGES_PER_LINE,
+        local_peer=config.name,
+        table_peers=config.haproxy.table_peers(config.name)
+        if any(fe.backend.affinity_timeout for fe in state.frontends) else (),
     )
 
 

@@ -188,6 +188,7 @@ BOX_ASN = 64512
 ROUTER_V4, ROUTER_V6 = "192.0.2.1", "2001:db8:0:1::1"
 CLIENT_V4, CLIENT_V6 = "198.51.100.100", "2001:db8:0:64::64"
 CLIENT_GW_V4, CLIENT_GW_V6 = "198.51.100.1", "2001:db8:0:64::1"
+STICK_TABLE_PORT = 10000  # every box's HAProxy `peers` listener, on its segment address
 VIP_POOL_V4 = "203.0.113.10-203.0.113.50"
 VIP_POOL_V6 = "2001:db8:0:cafe::a-2001:db8:0:cafe::32"
 BGP_POOLS = f"""
@@ -374,6 +375,19 @@ class BgpLab(NetworkLab):
         _run(["ip", "-n", h.netns, "route", "add", "default", "via", CLIENT_GW_V4])
         _run(["ip", "-n", h.netns, "-6", "route", "add", "default", "via", CLIENT_GW_V6])
 
+    def client_addresses(self, count: int) -> list[str]:
+        """`count` more IPv4 addresses on the client (its /24, so the ToR reaches them on-link): as
+        many clients, for what keys on the source address (sessionAffinity ClientIP)."""
+        free = [f"198.51.100.{n}" for n in range(2, 255) if f"198.51.100.{n}" not in (CLIENT_V4, CLIENT_GW_V4)]
+        if count > len(free):
+            raise ValueError(f"the client's /24 has {len(free)} free addresses, not {count}")
+        netns = self.client.netns
+        have = set(self.exec("client", ["ip", "-4", "-o", "addr", "show", "dev", HOST_IFACE]).stdout.split())
+        for address in free[:count]:
+            if f"{address}/24" not in have:
+                _run(["ip", "-n", netns, "addr", "add", f"{address}/24", "dev", HOST_IFACE])
+        return free[:count]
+
     def _router_setup(self) -> None:
         tor = self.hosts["tor"]
         self._sysctl(tor.netns, {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1",
@@ -475,7 +489,8 @@ class BgpLab(NetworkLab):
     def box_config(self, box: str, *, check_ms: int = 200, drain_seconds: float = 10.0,
                    families: str = "[ipv4, ipv6]", extra: str = "") -> ApplianceConfig:
         """A box in `announce.mode: bgp`: sessions to the ToR over both families with BFD at 50 ms x 3,
-        FRR reached in the box's namespace, HAProxy and state under its own dir."""
+        FRR reached in the box's namespace, HAProxy and state under its own dir, stick tables shared
+        with every box of the lab (HAProxy `peers` on the segment)."""
         h = self.host(box)
         base = self.workdir / box
         base.mkdir(parents=True, exist_ok=True)
@@ -486,6 +501,8 @@ class BgpLab(NetworkLab):
       asn: {ROUTER_ASN}{password}
       bfd: {{receiveIntervalMs: {BFD_INTERVAL_MS}, transmitIntervalMs: {BFD_INTERVAL_MS},
              detectMultiplier: {BFD_MULTIPLIER}}}""" for address in (ROUTER_V4, ROUTER_V6))
+        table_peers = "".join(f'\n    - {{name: {a.name}, address: "{a.ipv4}:{STICK_TABLE_PORT}"}}'
+                              for a in self.appliances)
         text = f"""
 name: {box}
 processMode: managed
@@ -505,6 +522,7 @@ haproxy:
   statsAddress: null
   maxconn: 4000
   hardStopAfter: 30s
+  peers:{table_peers}
 paths:
   haproxyConfig: {base}/haproxy.cfg
   keepalivedConfig: {base}/keepalived.conf

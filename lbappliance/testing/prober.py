@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 HTTP_REQUEST = b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n"
@@ -37,11 +37,14 @@ def split_target(target: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def ask_http(address: str, port: int, connect_timeout: float, read_timeout: float) -> str | None:
-    """The body of a 200 answer (stripped), or None for anything else."""
+def ask_http(address: str, port: int, connect_timeout: float, read_timeout: float,
+             source: str | None = None) -> str | None:
+    """The body of a 200 answer (stripped), or None for anything else; from `source` when given."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as s:
+            if source:
+                s.bind((source, 0))
             s.settimeout(connect_timeout)
             s.connect((address, port))
             s.settimeout(read_timeout)
@@ -72,12 +75,17 @@ def ask_udp(address: str, port: int, payload: bytes, timeout: float) -> str | No
 
 
 def probe(targets: Sequence[str], proto: str = "http", duration: float = 5.0, interval: float = 0.02,
-          connect_timeout: float = 0.5, read_timeout: float = 1.0, count: int = 0) -> dict[str, Any]:
-    """Probe until `duration` s have passed (or `count` requests were made, when given)."""
+          connect_timeout: float = 0.5, read_timeout: float = 1.0, count: int = 0,
+          sources: Sequence[str] = ()) -> dict[str, Any]:
+    """Probe until `duration` s have passed (or `count` requests were made, when given).
+
+    With `sources` (HTTP) the requests come from each source address in turn, as that many
+    clients, and `by_source` keeps the last answer each got (None: failed)."""
     parsed = [split_target(t) for t in targets]
     ok = {t: 0 for t in targets}
     fail = {t: 0 for t in targets}
     answered: dict[str, int] = {}
+    by_source: dict[str, str | None] = {}
     started = time.monotonic()
     last_ok: float | None = None
     max_gap = 0.0
@@ -90,7 +98,10 @@ def probe(targets: Sequence[str], proto: str = "http", duration: float = 5.0, in
         if proto == "udp":
             body = ask_udp(address, port, f"q{i}".encode(), read_timeout)
         else:
-            body = ask_http(address, port, connect_timeout, read_timeout)
+            source = sources[i % len(sources)] if sources else None
+            body = ask_http(address, port, connect_timeout, read_timeout, source)
+            if source:
+                by_source[source] = body
         i += 1
         now = time.monotonic()
         good = body is not None
@@ -107,7 +118,8 @@ def probe(targets: Sequence[str], proto: str = "http", duration: float = 5.0, in
     if not good and last_ok is not None:  # still failing at the end: the outage lasts at least this long
         max_gap = max(max_gap, finished - last_ok)
     return {"ok": ok, "fail": fail, "max_gap": round(max_gap, 4), "answered_by": answered,
-            "since_last_ok": round(finished - (last_ok if last_ok is not None else started), 4)}
+            "since_last_ok": round(finished - (last_ok if last_ok is not None else started), 4),
+            "by_source": by_source}
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,7 @@ class ProbeResult:
     max_gap: float
     answered_by: dict[str, int]
     since_last_ok: float
+    by_source: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def ok(self) -> int:
@@ -134,13 +147,16 @@ class ProbeResult:
 
 
 def probe_argv(targets: Sequence[str], *, proto: str = "http", duration: float = 5.0, interval: float = 0.02,
-               connect_timeout: float = 0.5, read_timeout: float = 1.0, count: int = 0) -> list[str]:
+               connect_timeout: float = 0.5, read_timeout: float = 1.0, count: int = 0,
+               sources: Sequence[str] = ()) -> list[str]:
     """The command line that runs this file with these settings (prefix it with `ip netns exec NS`)."""
     argv = [sys.executable, "-I", "-S", __file__, "--proto", proto, "--duration", str(duration),
             "--interval", str(interval), "--connect-timeout", str(connect_timeout),
             "--read-timeout", str(read_timeout), "--count", str(count)]
     for target in targets:
         argv += ["--target", target]
+    for source in sources:
+        argv += ["--source", source]
     return argv
 
 
@@ -193,7 +209,7 @@ class Probe:
             raise
         data = json.loads(out.strip().splitlines()[-1])
         self._result = ProbeResult(data["ok"], data["fail"], data["max_gap"], data["answered_by"],
-                                   data["since_last_ok"])
+                                   data["since_last_ok"], data.get("by_source") or {})
         return self._result
 
     @property
@@ -225,10 +241,11 @@ def main() -> None:
     parser.add_argument("--connect-timeout", type=float, default=0.5)
     parser.add_argument("--read-timeout", type=float, default=1.0)
     parser.add_argument("--count", type=int, default=0, help="stop after this many requests (0: run --duration)")
+    parser.add_argument("--source", action="append", default=[], help="a client address; repeat for many clients")
     args = parser.parse_args()
     print("ready", flush=True)
     print(json.dumps(probe(args.target, args.proto, args.duration, args.interval, args.connect_timeout,
-                           args.read_timeout, args.count)), flush=True)
+                           args.read_timeout, args.count, args.source)), flush=True)
 
 
 if __name__ == "__main__":

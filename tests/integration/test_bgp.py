@@ -27,14 +27,16 @@ from lbappliance.testing.bgplab import BgpBox, BgpLab, WindowProbe, bgp_state, f
 from lbappliance.testing.netlab import LabError, lab_unavailable_reason
 from lbappliance.testing.planes import lab_nodes
 from lbappliance.testing.prober import probe_in, target
+from lbappliance.testing.wait import wait_for
 
 from .conftest import skip_or_fail
 
 pytestmark = pytest.mark.integration
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
-VIP, VIP_LOCAL = "203.0.113.10", "203.0.113.11"
-NODE_PORT, LOCAL_NODE_PORT, LOCAL_HEALTH_PORT = 30080, 30081, 32081
+VIP, VIP_LOCAL, VIP_STICKY = "203.0.113.10", "203.0.113.11", "203.0.113.12"
+NODE_PORT, LOCAL_NODE_PORT, LOCAL_HEALTH_PORT, STICKY_NODE_PORT = 30080, 30081, 32081, 30082
+STICKY_CLIENTS = 200
 BOXES = ("app1", "app2", "app3")
 RUNS = 5
 OUTAGE_TARGET = 0.3
@@ -52,6 +54,12 @@ def local() -> Service:
                    health_check_node_port=LOCAL_HEALTH_PORT)
 
 
+def sticky() -> Service:
+    """sessionAffinity ClientIP: a client's connections go to one node, whichever box they reach."""
+    return Service("default", "sticky", creation="3", ports=(ServicePort("http", "TCP", 80, STICKY_NODE_PORT),),
+                   ingress_ips=(VIP_STICKY,), session_affinity="ClientIP", affinity_timeout=600)
+
+
 @pytest.fixture(scope="module")
 def bgplab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BgpLab]:
     reason = lab_unavailable_reason() or frr_unavailable_reason()
@@ -61,7 +69,7 @@ def bgplab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BgpLab]:
                  resilient=os.environ.get("LBAPPLIANCE_BGP_RESILIENT") == "1")
     try:
         lab.up()
-        lab.serve_nodeports([NODE_PORT, LOCAL_NODE_PORT])
+        lab.serve_nodeports([NODE_PORT, LOCAL_NODE_PORT, STICKY_NODE_PORT])
         lab.serve_health_ports([LOCAL_HEALTH_PORT])
         yield lab
     finally:
@@ -139,14 +147,14 @@ def test_vtysh_check_refuses_a_bad_line(tmp_path: Path) -> None:
 # ---- traffic
 
 
-def frontend_totals(b: Boxes) -> dict[str, int]:
-    """Connections each box's HAProxy accepted on the web frontend so far (`stot`)."""
+def frontend_totals(b: Boxes, service: str = "web") -> dict[str, int]:
+    """Connections each box's HAProxy accepted on `service`'s frontend so far (`stot`)."""
     totals = {}
     for name, box in b.boxes.items():
         assert box.dp is not None
         rows = box.dp.haproxy.stat_rows("-1 1 -1")
         totals[name] = sum(int(r.get("stot") or 0) for r in rows if r.get("svname") == "FRONTEND"
-                           and "web" in r.get("pxname", ""))
+                           and f"_{service}_" in r.get("pxname", ""))
     return totals
 
 
@@ -368,3 +376,43 @@ def test_established_connections_to_surviving_boxes(boxes: Boxes) -> None:
         assert fraction == 1.0
     else:
         assert 0.0 < fraction < 1.0  # hash-threshold moves part of the surviving flows
+
+
+def stick_entries(box: BgpBox, table: str) -> int:
+    """How many clients `table` on this box's HAProxy holds (`used:` in `show table`)."""
+    assert box.dp is not None
+    head = box.dp.haproxy.runtime(f"show table {table}").splitlines()[0]
+    return int(head.rpartition("used:")[2].split()[0])
+
+
+def test_sticky_clients_keep_their_node_when_a_box_dies(boxes: Boxes) -> None:
+    """200 ClientIP-affinity clients, each on the node its first request chose; the box that served
+    most of them is killed; every client's next request, now through another box, lands on the same
+    node. HAProxy `peers` pushed every box's stick table to the others."""
+    lab = boxes.lab
+    for box in boxes.boxes.values():
+        box.apply(bgp_state(box.config, [web(), local(), sticky()], lab_nodes(lab)))
+    lab.wait_next_hops(VIP_STICKY, set(BOXES), timeout=15)
+    sources = lab.client_addresses(STICKY_CLIENTS)
+    table = "be_default_sticky_tcp80_v4"
+    before = frontend_totals(boxes, "sticky")
+    first = probe_in(lab.client.netns, [target(VIP_STICKY, 80)], STICKY_CLIENTS, sources=sources,
+                     connect_timeout=2.0, read_timeout=2.0)
+    served = {box: n - before[box] for box, n in frontend_totals(boxes, "sticky").items()}
+    assert first.failed == 0, first
+    assert set(first.by_source) == set(sources)
+    wait_for(lambda: all(stick_entries(b, table) == STICKY_CLIENTS for b in boxes.boxes.values()), 10, 0.1,
+             what=f"every box's {table} holding all {STICKY_CLIENTS} clients")
+    victim = max(served, key=lambda box: served[box])
+    boxes.boxes[victim].hard_kill()
+    lab.wait_next_hops(VIP_STICKY, set(BOXES) - {victim}, timeout=10)
+    second = probe_in(lab.client.netns, [target(VIP_STICKY, 80)], STICKY_CLIENTS, sources=sources,
+                      connect_timeout=2.0, read_timeout=2.0)
+    moved = {s: (first.by_source[s], second.by_source[s]) for s in sources if first.by_source[s] != second.by_source[s]}
+    print(f"\nsticky clients per box before the kill {served}; {victim} killed; "
+          f"{len(moved)} of {STICKY_CLIENTS} clients changed node; nodes before {first.counts()}, after {second.counts()}")
+    assert served[victim] > 0 and len(set(first.by_source.values())) > 1, (served, first.counts())
+    assert second.failed == 0, second
+    assert not moved, moved
+    boxes.boxes.pop(victim)
+    boxes.start(victim)

@@ -134,3 +134,42 @@ def test_empty_config_gives_defaults() -> None:
 
 def test_parse_range_single_address_cidr() -> None:
     assert parse_range("192.0.2.7/32").size == 1
+
+
+PEERS = """
+name: lb1
+haproxy:
+  peers:
+    - {name: lb1, address: "198.51.100.1:10000"}
+    - {name: lb2, address: "[2001:db8::2]:10000"}
+"""
+
+
+def test_stick_table_peers_render_as_a_peers_section_with_this_box_as_the_local_peer() -> None:
+    from lbappliance.core.plan import Snapshot, desired_state
+    from lbappliance.core.render import render_haproxy
+    from tests.shapes import SHAPES, pools
+
+    config = parse_config(PEERS, "c.yaml")
+    services, nodes = SHAPES["affinity"]
+    _, state = desired_state(Snapshot(tuple(services), tuple(nodes), pools(), config))
+    text = render_haproxy(state, config)
+    assert "    localpeer lb1\n" in text
+    assert "peers lbappliance\n    peer lb1 198.51.100.1:10000\n    peer lb2 [2001:db8::2]:10000\n" in text
+    assert "srvkey name peers lbappliance" in text
+    assert "198.51.100.1" in {str(a) for a in config.own_addresses()}  # never handed out as a VIP
+    _, plain = desired_state(Snapshot((), tuple(nodes), pools(), config))
+    assert "peers" not in render_haproxy(plain, config)  # no sticky Service: no listener
+
+
+@pytest.mark.parametrize(("text", "complaint"), [
+    (PEERS.replace("name: lb1\n", "name: lb3\n", 1), "not this box ('lb3'"),
+    (PEERS.replace("name: lb2", "name: lb1"), "name lb1 listed twice"),
+    (PEERS.replace("[2001:db8::2]", "198.51.100.1"), "address 198.51.100.1:10000 listed twice"),
+    (PEERS.replace("[2001:db8::2]:10000", "2001:db8::2%eth0\\n    peer x 203.0.113.66:1"), "ADDRESS:PORT"),
+    (PEERS.replace("name: lb2", "name: 'lb2 x'"), "DNS label"),
+])
+def test_bad_stick_table_peers_are_refused_by_field(text: str, complaint: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "c.yaml")
+    assert complaint in str(err.value) and "haproxy" in str(err.value)
