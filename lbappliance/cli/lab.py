@@ -18,8 +18,16 @@ def lab() -> None:
 
 @lab.command()
 @click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 20))
-def up(nodes: int) -> None:
+@click.option("--bgp", is_flag=True,
+              help="The BGP shape instead: an FRR ToR and --boxes appliances announcing one VIP (ECMP, BFD), "
+                   "in the foreground until Ctrl-C.")
+@click.option("--boxes", default=3, show_default=True, type=click.IntRange(1, 8), help="With --bgp.")
+def up(nodes: int, bgp: bool, boxes: int) -> None:
     """Start everything, apply examples/*.yaml, and show each Service answering through its VIP."""
+    if bgp:
+        from ..testing.bgplab import main as bgp_lab
+
+        raise SystemExit(bgp_lab(["--boxes", str(boxes), "--nodes", str(nodes)]))
     from ..testing.lab import LabFailure
     from ..testing.lab import up as lab_up
 

@@ -12,6 +12,8 @@ import ctypes
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -416,3 +418,32 @@ def test_sticky_clients_keep_their_node_when_a_box_dies(boxes: Boxes) -> None:
     assert not moved, moved
     boxes.boxes.pop(victim)
     boxes.start(victim)
+
+
+def test_lab_up_bgp_routes_the_vip_over_every_box_and_leaves_nothing_after_sigterm() -> None:
+    """`lbappliance lab up --bgp --boxes 2` as a newcomer runs it: the ToR routes the VIP to both
+    boxes, a request through it is answered, and SIGTERM tears every namespace down."""
+    reason = lab_unavailable_reason() or frr_unavailable_reason()
+    if reason:
+        skip_or_fail(reason)
+    proc = subprocess.Popen([sys.executable, "-m", "lbappliance", "lab", "up", "--bgp", "--boxes", "2", "--nodes", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("BGP lab up") or len(lines) > 2000:
+                break
+        banner = "".join(lines[-8:])
+        assert "the ToR routes 203.0.113.10 to ['app1', 'app2']" in banner, "".join(lines[-40:])
+        answer = subprocess.run(["ip", "netns", "exec", "lbg-client", sys.executable, "-I", "-S", "-c",
+                                 "import urllib.request as u; print(u.urlopen('http://203.0.113.10/', timeout=5).read().decode())"],
+                                capture_output=True, text=True, timeout=30, check=False)
+        assert answer.returncode == 0 and answer.stdout.strip() in ("node1", "node2"), answer.stdout + answer.stderr
+    finally:
+        proc.terminate()
+        rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, rest[-2000:]
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert not [n for n in namespaces.split() if n.startswith("lbg-")], namespaces
