@@ -375,18 +375,9 @@ class BgpLab(NetworkLab):
         _run(["ip", "-n", h.netns, "route", "add", "default", "via", CLIENT_GW_V4])
         _run(["ip", "-n", h.netns, "-6", "route", "add", "default", "via", CLIENT_GW_V6])
 
-    def client_addresses(self, count: int) -> list[str]:
-        """`count` more IPv4 addresses on the client (its /24, so the ToR reaches them on-link): as
-        many clients, for what keys on the source address (sessionAffinity ClientIP)."""
-        free = [f"198.51.100.{n}" for n in range(2, 255) if f"198.51.100.{n}" not in (CLIENT_V4, CLIENT_GW_V4)]
-        if count > len(free):
-            raise ValueError(f"the client's /24 has {len(free)} free addresses, not {count}")
-        netns = self.client.netns
-        have = set(self.exec("client", ["ip", "-4", "-o", "addr", "show", "dev", HOST_IFACE]).stdout.split())
-        for address in free[:count]:
-            if f"{address}/24" not in have:
-                _run(["ip", "-n", netns, "addr", "add", f"{address}/24", "dev", HOST_IFACE])
-        return free[:count]
+    def _spare_client_addresses(self) -> list[str]:
+        """The client's /24 behind the ToR, but the client and the ToR."""
+        return [a for a in (f"198.51.100.{n}" for n in range(2, 255)) if a not in (CLIENT_V4, CLIENT_GW_V4)]
 
     def _router_setup(self) -> None:
         tor = self.hosts["tor"]

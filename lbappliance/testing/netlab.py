@@ -465,6 +465,22 @@ class NetworkLab:
     def client(self) -> LabHost:
         return self.hosts["client"]
 
+    def _spare_client_addresses(self) -> list[str]:
+        """IPv4 addresses the client may add: the segment's .101-.199, clear of hosts and VIPs."""
+        return [f"192.0.2.{n}" for n in range(101, 200)]
+
+    def client_addresses(self, count: int) -> list[str]:
+        """`count` more IPv4 addresses on the client, on its own subnet (so replies come back on-link):
+        as many clients, for what keys on the source address (sessionAffinity ClientIP)."""
+        spare = self._spare_client_addresses()
+        if count > len(spare):
+            raise ValueError(f"the client's subnet has {len(spare)} spare addresses, not {count}")
+        have = set(self.exec("client", ["ip", "-4", "-o", "addr", "show", "dev", HOST_IFACE]).stdout.split())
+        for address in spare[:count]:
+            if f"{address}/{PREFIXLEN_V4}" not in have:
+                _run(["ip", "-n", self.client.netns, "addr", "add", f"{address}/{PREFIXLEN_V4}", "dev", HOST_IFACE])
+        return spare[:count]
+
     @property
     def nodes(self) -> list[LabHost]:
         nodes = [h for h in self.hosts.values() if h.role == "node"]

@@ -53,16 +53,20 @@ ACTIVE_ACTIVE_VRRP = {
 
 def plane_config(workdir: Path, box: str, *, priority: int, dual: bool = False, check_ms: int = 200,
                  advert: float = 0.1, extra: str = "", extra_vrrp: str = "",
-                 hard_stop_after: str | None = None) -> ApplianceConfig:
+                 hard_stop_after: str | None = None, shared_tables: bool = False) -> ApplianceConfig:
     """A lab appliance: unicast VRRP to its peer (IPv6 too when `dual`), files and sockets under its
-    own dir. `extra_vrrp` lines (indented two spaces) go into the vrrp block, `extra` at the top level."""
+    own dir. `extra_vrrp` lines (indented two spaces) go into the vrrp block, `extra` at the top level.
+    `shared_tables`: the box is named after itself and shares stick tables with its peer (`peers`)."""
     base = workdir / box
     base.mkdir(parents=True, exist_ok=True)
     (src, src6), (peer, peer6) = OWN[box], OWN[PEER[box]]
     if dual:
         extra_vrrp = f'  unicastSrcIp6: "{src6}"\n  unicastPeers6: ["{peer6}"]\n{extra_vrrp}'
+    peers = " []"
+    if shared_tables:
+        peers = "".join(f'\n    - {{name: {b}, address: "{OWN[b][0]}:10000"}}' for b in sorted(OWN))
     return parse_config(f"""
-name: lab
+name: {box if shared_tables else "lab"}
 processMode: managed
 vrrp:
   interface: eth0
@@ -76,6 +80,7 @@ haproxy:
   statsAddress: null
   maxconn: 4000
   hardStopAfter: {hard_stop_after or ("10s" if dual else "60s")}
+  peers:{peers}
 paths:
   haproxyConfig: {base}/haproxy.cfg
   keepalivedConfig: {base}/keepalived.conf
@@ -209,16 +214,16 @@ class Pair:
             dp.stop()
 
 
-def start_pair(lab: NetworkLab, workdir: Path, **config_kw: object) -> Pair:
-    """Both appliances from the same cluster state; app1 (higher priority) starts first and takes the VIP.
-    On failure whatever started is stopped again."""
+def start_pair(lab: NetworkLab, workdir: Path, service: Service | None = None, **config_kw: object) -> Pair:
+    """Both appliances from the same cluster state (`service`, else `web_service()`); app1 (higher
+    priority) starts first and takes the VIP. On failure whatever started is stopped again."""
     pair = Pair(lab, {})
     try:
         for box, config in zip(("app1", "app2"), pair_configs(workdir, **config_kw), strict=True):  # type: ignore[arg-type]
             dp = dataplane(lab, config, box)
             pair.planes[box] = dp
             dp.start()
-            result = dp.apply(lab_state(config, [web_service()], lab_nodes(lab)))
+            result = dp.apply(lab_state(config, [service or web_service()], lab_nodes(lab)))
             assert result.kind == "reload", result
             if box == "app1":
                 assert holds_within(lambda dp=dp: vrrp_state(dp) == "MASTER", 10), dp.vrrp_states()

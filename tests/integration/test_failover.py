@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from lbappliance.testing.netlab import NetworkLab
-from lbappliance.testing.planes import NODE_PORT, VIP, Pair, measure, start_pair
-from lbappliance.testing.prober import ProbeResult
+from lbappliance.testing.planes import NODE_PORT, VIP, Pair, measure, start_pair, web_service
+from lbappliance.testing.prober import ProbeResult, probe_in, target
 from lbappliance.testing.wait import holds_within
 
 pytestmark = pytest.mark.integration
@@ -116,3 +116,37 @@ def test_busy_boxes_do_not_flap(pair: Pair) -> None:
           f"max gap {probe.max_gap:.3f}s")
     assert flaps == {"app1": 0, "app2": 0}
     assert pair.state("app1") == "MASTER" and pair.state("app2") == "BACKUP"
+
+
+STICKY_CLIENTS = 90  # the lab segment's spare addresses; the BGP lab's test (its own /24) has 200
+
+
+def test_sticky_clients_keep_their_node_after_a_failover(served: NetworkLab, tmp_path: Path) -> None:
+    """sessionAffinity ClientIP in the pair: app2's HAProxy holds app1's stick table (HAProxy
+    `peers`), so when app1 dies every client's next request, now through app2, lands on the node
+    it had before."""
+    service = web_service(session_affinity="ClientIP", affinity_timeout=600)
+    pair = start_pair(served, tmp_path, service=service, shared_tables=True)
+    try:
+        sources = served.client_addresses(STICKY_CLIENTS)
+        first = probe_in(served.client.netns, [target(VIP, 80)], STICKY_CLIENTS, sources=sources,
+                         connect_timeout=2.0, read_timeout=2.0)
+        assert first.failed == 0 and len(set(first.by_source.values())) > 1, first
+        backup = pair.planes["app2"].haproxy
+        def held() -> int:  # the sticky clients and the client's own address, which start_pair used
+            return int(backup.runtime("show table be_default_web_tcp80_v4").splitlines()[0].rpartition("used:")[2])
+
+        assert holds_within(lambda: held() == STICKY_CLIENTS + 1, 10, 0.05), f"app2 holds {held()} clients"
+        pair.hard_kill("app1")
+        assert holds_within(lambda: pair.state("app2") == "MASTER", 10)
+        assert holds_within(lambda: served.http_get("client", f"http://{VIP}/", timeout=1)[0] == 200, 10)
+        second = probe_in(served.client.netns, [target(VIP, 80)], STICKY_CLIENTS, sources=sources,
+                          connect_timeout=2.0, read_timeout=2.0)
+        moved = {s: (first.by_source[s], second.by_source[s]) for s in sources
+                 if first.by_source[s] != second.by_source[s]}
+        print(f"\nVRRP failover with {STICKY_CLIENTS} sticky clients: {len(moved)} changed node; "
+              f"nodes before {first.counts()}, after {second.counts()}")
+        assert second.failed == 0, second
+        assert not moved, moved
+    finally:
+        pair.stop()
