@@ -210,7 +210,7 @@ def pool_overlap_checks(pools: Sequence[Pool], node_addresses: Mapping[str, Sequ
                         cluster_networks: Sequence[tuple[str, str]], cluster_ips: Sequence[str],
                         config: ApplianceConfig) -> list[Check]:
     """No pool contains a node's address, a Pod or Service CIDR we could learn, a ClusterIP, or an
-    address of this appliance (its VRRP source, peers and anchors)."""
+    address of this appliance (its VRRP source, VRRP/stick-table/BGP peers, router id, anchors)."""
     def holder(address: Any) -> str | None:
         for pool in pools:
             if pool.contains(address):
@@ -242,7 +242,7 @@ def pool_overlap_checks(pools: Sequence[Pool], node_addresses: Mapping[str, Sequ
     for address in config.own_addresses():
         pool = holder(address)
         if pool:
-            clashes.append(f"pool {pool!r} contains {address}, an address of this appliance or its peer")
+            clashes.append(f"pool {pool!r} contains {address}, an address of this appliance or a peer")
     name = "pool addresses"
     if clashes:
         shown_clashes = sorted(set(clashes))
@@ -360,6 +360,24 @@ def vrrp_checks(config: ApplianceConfig, reachable: Mapping[str, bool]) -> list[
         else:
             checks.append(failed(f"VRRP peer {peer}", "does not answer",
                                  f"allow VRRP (IP protocol 112) and ICMP between this box and {peer}"))
+    return checks
+
+
+def table_peers_to_probe(config: ApplianceConfig) -> dict[str, str]:
+    """The other boxes this one shares stick tables with: name -> ADDRESS:PORT."""
+    return {p.name: p.address for p in config.haproxy.peers if p.name != config.name}
+
+
+def table_peer_checks(config: ApplianceConfig, results: Mapping[str, tuple[bool, str]]) -> list[Check]:
+    """Each box listed in haproxy.peers accepts the peers protocol: else sticky clients lose their
+    node when they move to it."""
+    checks = []
+    for name, address in sorted(table_peers_to_probe(config).items()):
+        good, detail = results.get(name, (False, "not probed"))
+        port = address.rpartition(":")[2]
+        checks.append(ok(f"stick-table peer {name}", detail) if good else
+                      failed(f"stick-table peer {name}", detail,
+                             f"allow TCP {port} between the boxes, and run lbappliance on {name} with the same peers"))
     return checks
 
 

@@ -155,8 +155,9 @@ def render_haproxy(state: DesiredState, config: ApplianceConfig) -> str:
         health=config.health_check,
         acl_ranges_per_line=ACL_RANGES_PER_LINE,
         local_peer=config.name,
+        # Configured peers always listen (other boxes and doctor expect them); alone, only for a sticky Service.
         table_peers=config.haproxy.table_peers(config.name)
-        if any(fe.backend.affinity_timeout for fe in state.frontends) else (),
+        if config.haproxy.peers or any(fe.backend.affinity_timeout for fe in state.frontends) else (),
     )
 
 

@@ -110,8 +110,14 @@ def probe(job: Mapping[str, Any]) -> dict[str, Any]:
         "nodeport": ({node: _tcp_ok(a, int(job["nodePort"]), timeout) for node, a in job["nodes"].items()}
                      if job.get("nodePort") else {}),
         "peers": {peer: _ping(peer, timeout) for peer in job["peers"]},
+        "tablePeers": {name: _tcp_ok(*_split(address), timeout) for name, address in job.get("tablePeers", {}).items()},
         "sysctls": {name: _sysctl(name) for name in SYSCTLS},
     }
+
+
+def _split(host_port: str) -> tuple[str, int]:
+    host, _, port = host_port.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def _host(address: str) -> str:
@@ -269,7 +275,8 @@ def _this_box(report: core.Report, config: ApplianceConfig, netns: str | None, *
               nodes: dict[str, str] | None, node_port: int | None, udp: bool = False) -> core.Report:
     """Probes from this box; node checks only when the API server said which nodes there are."""
     peers = [*config.vrrp.unicast_peers, *config.vrrp.unicast_peers6]
-    job = {"nodes": nodes or {}, "nodePort": node_port, "peers": peers, "timeout": 2.0}
+    job = {"nodes": nodes or {}, "nodePort": node_port, "peers": peers, "timeout": 2.0,
+           "tablePeers": core.table_peers_to_probe(config)}
     try:
         facts = run_probes(job, netns)
     except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
@@ -279,6 +286,7 @@ def _this_box(report: core.Report, config: ApplianceConfig, netns: str | None, *
         report.add(*core.node_checks({k: (bool(v[0]), str(v[1])) for k, v in facts["health"].items()}, node_port,
                                      {k: (bool(v[0]), str(v[1])) for k, v in facts["nodeport"].items()}))
     report.add(*core.vrrp_checks(config, facts["peers"]))
+    report.add(*core.table_peer_checks(config, {k: (bool(v[0]), str(v[1])) for k, v in facts["tablePeers"].items()}))
     binaries = {config.paths.haproxy_binary: os.access(config.paths.haproxy_binary, os.X_OK),
                 config.paths.keepalived_binary: os.access(config.paths.keepalived_binary, os.X_OK),
                 config.paths.nft_binary: os.access(config.paths.nft_binary, os.X_OK)}

@@ -159,7 +159,9 @@ def test_stick_table_peers_render_as_a_peers_section_with_this_box_as_the_local_
     assert "srvkey name peers lbappliance" in text
     assert "198.51.100.1" in {str(a) for a in config.own_addresses()}  # never handed out as a VIP
     _, plain = desired_state(Snapshot((), tuple(nodes), pools(), config))
-    assert "peers" not in render_haproxy(plain, config)  # no sticky Service: no listener
+    assert "peer lb2 [2001:db8::2]:10000" in render_haproxy(plain, config)  # listed peers always listen
+    alone = parse_config("name: lb1\n", "c.yaml")
+    assert "peers" not in render_haproxy(plain, alone)  # alone and no sticky Service: no listener
 
 
 @pytest.mark.parametrize(("text", "complaint"), [

@@ -116,3 +116,19 @@ def test_credential_expiry() -> None:
     assert doctor.credential_check(None, "token") is None
     assert doctor.credential_check(90 * 86400, "token").verdict is doctor.Verdict.OK  # type: ignore[union-attr]
     assert doctor.credential_check(10 * 86400, "token").verdict is doctor.Verdict.FAIL  # type: ignore[union-attr]
+
+
+def test_each_other_stick_table_peer_is_checked_and_a_silent_one_names_the_port() -> None:
+    from lbappliance.core.config import parse_config
+    from lbappliance.core.doctor import table_peer_checks, table_peers_to_probe
+
+    config = parse_config("name: lb1\nhaproxy:\n  peers:\n    - {name: lb1, address: '192.0.2.2:10000'}\n"
+                          "    - {name: lb2, address: '192.0.2.3:10000'}\n    - {name: lb3, address: '192.0.2.4:10000'}\n",
+                          "c.yaml")
+    assert table_peers_to_probe(config) == {"lb2": "192.0.2.3:10000", "lb3": "192.0.2.4:10000"}  # not itself
+    checks = table_peer_checks(config, {"lb2": (True, "192.0.2.3:10000 accepts connections"),
+                                        "lb3": (False, "192.0.2.4:10000: Connection refused")})
+    assert [(c.name, c.verdict) for c in checks] == [("stick-table peer lb2", doctor.Verdict.OK),
+                                                     ("stick-table peer lb3", doctor.Verdict.FAIL)]
+    assert "allow TCP 10000" in checks[1].fix
+    assert table_peer_checks(parse_config("name: lb1\n", "c.yaml"), {}) == []
