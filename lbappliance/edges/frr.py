@@ -301,6 +301,11 @@ def frontend_sessions(haproxy: Any) -> int:
     return sum(int(r.get("scur") or 0) for r in rows if r.get("svname") == "FRONTEND" and r.get("pxname") != "stats")
 
 
+# How old bgp.json (and the sessions metric) may get between ticks: a session that comes up or
+# drops changes nothing the announcer decides, so only this refresh shows it.
+STATUS_REFRESH_SECONDS = 2.0
+
+
 @dataclass
 class BgpControl:
     """The data plane's BGP room, beside VrrpControl (chosen by `announce.mode`): VIPs on `lo`,
@@ -356,7 +361,8 @@ class BgpControl:
             except (OSError, RuntimeError):
                 up = False  # a master without a worker answering serves nothing
         result = self.announcer.sync(state, up, servers)
-        if result.kind not in ("noop",):
+        stale = time.time() - float(self.last_status.get("at", 0.0)) >= STATUS_REFRESH_SECONDS
+        if result.kind not in ("noop",) or stale:  # sessions change on their own (come up, drop)
             self.record()
         return result
 
