@@ -362,7 +362,10 @@ class BgpLab(NetworkLab):
         _run(["ip", "netns", "add", h.netns])
         self._created_netns.append(h.netns)
         self.hosts[h.name] = h
-        self._sysctl(h.netns, {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"})
+        # A load generator's settings: new connections at 10k/s leave every port of the default range
+        # in TIME_WAIT within seconds, and the next run's connect() then searches for a free one.
+        self._sysctl(h.netns, {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0",
+                               "net.ipv4.tcp_tw_reuse": "1", "net.ipv4.ip_local_port_range": "1024 65535"})
         _run(["ip", "-n", h.netns, "link", "set", "lo", "up"])
         tor = self.hosts["tor"].netns
         _run(["ip", "-n", tor, "link", "add", "eth1", "type", "veth", "peer", "name", HOST_IFACE, "netns", h.netns])
