@@ -45,7 +45,7 @@ else
 fi
 
 if [ -f "$repo/tools/controlplane/build.sh" ] && [ "${LBAPPLIANCE_SKIP_CONTROLPLANE:-}" != "1" ]; then
-  echo "setup: kube-apiserver and etcd (cached build; a cold setup, this build included, took 8.5 min on 2 cores)"
+  echo "setup: kube-apiserver and etcd (cached build; built cold, these take about 20 min on 2 cores)"
   bash "$repo/tools/controlplane/build.sh" >/dev/null
 fi
 echo "setup: done (venv $venv)"
