@@ -213,8 +213,8 @@ def absolute_path(value: Any) -> str:
     return text
 
 
-def host_port(value: Any) -> str:
-    """`ADDRESS:PORT` (`[IPv6]:PORT`), returned in canonical spelling."""
+def address_and_port(value: Any) -> tuple[IPAddress, int]:
+    """`ADDRESS:PORT` (`[IPv6]:PORT`) taken apart, both validated."""
     text = _text(value, "ADDRESS:PORT")
     host, sep, port_text = text.rpartition(":")
     if not sep or not re.fullmatch(r"[0-9]{1,5}", port_text) or not 0 < int(port_text) < 65536:
@@ -226,7 +226,13 @@ def host_port(value: Any) -> str:
         raise Invalid(f"must be ADDRESS:PORT: {exc}") from None
     if (parsed.version == 6) != bracketed:
         raise Invalid(f"must be ADDRESS:PORT with an IPv6 address in brackets, got {truncate(text)}")
-    return f"[{parsed}]:{int(port_text)}" if parsed.version == 6 else f"{parsed}:{int(port_text)}"
+    return parsed, int(port_text)
+
+
+def host_port(value: Any) -> str:
+    """`ADDRESS:PORT` (`[IPv6]:PORT`), returned in canonical spelling."""
+    parsed, port = address_and_port(value)
+    return f"[{parsed}]:{port}" if parsed.version == 6 else f"{parsed}:{port}"
 
 
 # Addresses never to be a Service VIP, whatever a pool says: what `bind` or VRRP would make of them.

@@ -193,12 +193,23 @@ class HealthCheckConfig(_Strict):
     drain_timeout_seconds: int = Field(default=300, alias="drainTimeoutSeconds", ge=0, le=86400)
 
 
+PEERS_PORT = 10000  # HAProxy's `peers` listener (stick tables), unless an address says otherwise
+
+
 class StickTablePeer(_Strict):
     """One box's HAProxy in the `peers` section: stick tables (sessionAffinity ClientIP) are pushed
     to every listed box, so a client keeps its node when its flows reach another box."""
 
     name: str  # that box's `name`
     address: str  # ADDRESS:PORT that box's HAProxy listens on for table updates
+
+    @property
+    def host(self) -> IPAddress:
+        return canonical.address_and_port(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return canonical.address_and_port(self.address)[1]
 
     @field_validator("name")
     @classmethod
@@ -222,12 +233,7 @@ class HaproxySettings(_Strict):
     # Every box (this one included) that shares stick tables. Empty: only this box's own old and
     # new workers share them, over `localPeerAddress`, so a reload keeps every client's node.
     peers: tuple[StickTablePeer, ...] = ()
-    local_peer_address: str = Field(default="127.0.0.1:10000", alias="localPeerAddress")
-
-    @field_validator("local_peer_address")
-    @classmethod
-    def _local_peer(cls, v: str) -> str:
-        return canonical.host_port(v)
+    local_peer_address: str = Field(default=f"127.0.0.1:{PEERS_PORT}", alias="localPeerAddress")
 
     @model_validator(mode="after")
     def _distinct_peers(self) -> HaproxySettings:
@@ -241,9 +247,9 @@ class HaproxySettings(_Strict):
         """The `peers` section's members: the configured boxes, or this box alone."""
         return self.peers or (StickTablePeer(name=own_name, address=self.local_peer_address),)
 
-    @field_validator("stats_address")
+    @field_validator("stats_address", "local_peer_address")
     @classmethod
-    def _stats(cls, v: str | None) -> str | None:
+    def _host_port(cls, v: str | None) -> str | None:
         return None if v is None else canonical.host_port(v)
 
     @field_validator("hard_stop_after", "timeout_connect", "timeout_client", "timeout_server")
@@ -339,10 +345,10 @@ class ApplianceConfig(_Strict):
         id) and the configured VRRP anchors: never to be handed out as VIPs."""
         v = self.vrrp
         raw = [v.unicast_src_ip, v.unicast_src_ip6, *v.unicast_peers, *v.unicast_peers6]
-        raw += [p.address.rpartition(":")[0].strip("[]") for p in self.haproxy.peers]
         if self.announce.mode == "bgp" and self.announce.bgp is not None:
             raw += [self.announce.bgp.router_id, *(p.address for p in self.announce.bgp.peers)]
-        return tuple(dict.fromkeys(canonical.address(a) for a in raw if a)) + v.anchors()
+        found = [canonical.address(a) for a in raw if a] + [p.host for p in self.haproxy.peers]
+        return tuple(dict.fromkeys(found)) + v.anchors()
 
 
 class LabelRequirementSpec(_Strict):

@@ -363,18 +363,17 @@ def vrrp_checks(config: ApplianceConfig, reachable: Mapping[str, bool]) -> list[
     return checks
 
 
-def table_peers_to_probe(config: ApplianceConfig) -> dict[str, str]:
-    """The other boxes this one shares stick tables with: name -> ADDRESS:PORT."""
-    return {p.name: p.address for p in config.haproxy.peers if p.name != config.name}
+def table_peers_to_probe(config: ApplianceConfig) -> dict[str, tuple[str, int]]:
+    """The other boxes this one shares stick tables with: name -> (address, port)."""
+    return {p.name: (str(p.host), p.port) for p in config.haproxy.peers if p.name != config.name}
 
 
 def table_peer_checks(config: ApplianceConfig, results: Mapping[str, tuple[bool, str]]) -> list[Check]:
     """Each box listed in haproxy.peers accepts the peers protocol: else sticky clients lose their
     node when they move to it."""
     checks = []
-    for name, address in sorted(table_peers_to_probe(config).items()):
+    for name, (_host, port) in sorted(table_peers_to_probe(config).items()):
         good, detail = results.get(name, (False, "not probed"))
-        port = address.rpartition(":")[2]
         checks.append(ok(f"stick-table peer {name}", detail) if good else
                       failed(f"stick-table peer {name}", detail,
                              f"allow TCP {port} between the boxes, and run lbappliance on {name} with the same peers"))

@@ -110,14 +110,9 @@ def probe(job: Mapping[str, Any]) -> dict[str, Any]:
         "nodeport": ({node: _tcp_ok(a, int(job["nodePort"]), timeout) for node, a in job["nodes"].items()}
                      if job.get("nodePort") else {}),
         "peers": {peer: _ping(peer, timeout) for peer in job["peers"]},
-        "tablePeers": {name: _tcp_ok(*_split(address), timeout) for name, address in job.get("tablePeers", {}).items()},
+        "tablePeers": {name: _tcp_ok(host, int(port), timeout) for name, (host, port) in job["tablePeers"].items()},
         "sysctls": {name: _sysctl(name) for name in SYSCTLS},
     }
-
-
-def _split(host_port: str) -> tuple[str, int]:
-    host, _, port = host_port.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def _host(address: str) -> str:

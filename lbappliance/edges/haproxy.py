@@ -124,7 +124,7 @@ class HAProxy:
     binary: str = "/usr/sbin/haproxy"
     argv_prefix: Sequence[str] = ()
     log_path: str | None = None
-    server_state_file: str | None = None  # the config's `server-state-file`; beside the pidfile if unset
+    server_state_file: str | None = None  # the config's `server-state-file`; None: nothing carried over
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     # ---- process control
@@ -144,14 +144,15 @@ class HAProxy:
         """
         if self.running():
             raise HaproxyError(f"haproxy already running as pid {self.master_pid()}")
-        for stale in (self.pidfile, self.server_state_path):  # a cold start trusts its own checks
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(stale)
+        for stale in (self.pidfile, self.server_state_file):  # a cold start trusts its own checks
+            if stale:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(stale)
         argv = self.argv()
         old_pid = take_over.master_pid() if take_over is not None else None
         if take_over is not None and old_pid is not None:
             argv += ["-x", take_over.runtime_socket]
-            take_over.save_server_state(self.server_state_path)
+            take_over.save_server_state(self.server_state_file)
         self.proc = spawn_logged(argv, self.log_path)
         problem = wait_ready(self.proc, lambda: bool(self.show_proc().workers and self.runtime("show info")),
                              timeout, (HaproxyError,))
@@ -161,16 +162,16 @@ class HAProxy:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(old_pid, signal.SIGUSR1)
 
-    @property
-    def server_state_path(self) -> str:
-        return self.server_state_file or str(Path(self.pidfile).with_name("haproxy-servers.state"))
-
     def save_server_state(self, path: str | None = None) -> None:
-        """Which servers the checks hold DOWN, to the file the next worker loads (`server-state-file`):
-        a new worker assumes every server UP, and sends a dead node traffic until its checks fail
-        again. Best effort: without the file the next worker starts from its checks."""
+        """Which servers the checks hold DOWN, to the file the next worker loads (`server-state-file`;
+        `path`: the next master's, on a take-over): a new worker assumes every server UP, and sends a
+        dead node traffic until its checks fail again. Best effort: without the file the next
+        worker starts from its checks."""
+        path = path or self.server_state_file
+        if path is None:
+            return
         try:
-            atomic_write(Path(path or self.server_state_path), down_servers_only(self.runtime("show servers state")))
+            atomic_write(Path(path), down_servers_only(self.runtime("show servers state")))
         except (HaproxyError, OSError) as exc:
             log.debug("server state not saved: %s", exc)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lbappliance.core.config import ApplianceConfig, load_pools, parse_config
+from lbappliance.core.config import PEERS_PORT, ApplianceConfig, load_pools, parse_config
 from lbappliance.core.models import DesiredState, Node, Service
 from lbappliance.core.plan import Snapshot, desired_state
 from lbappliance.core.report import BoxFacts, status_document
@@ -188,7 +188,6 @@ BOX_ASN = 64512
 ROUTER_V4, ROUTER_V6 = "192.0.2.1", "2001:db8:0:1::1"
 CLIENT_V4, CLIENT_V6 = "198.51.100.100", "2001:db8:0:64::64"
 CLIENT_GW_V4, CLIENT_GW_V6 = "198.51.100.1", "2001:db8:0:64::1"
-STICK_TABLE_PORT = 10000  # every box's HAProxy `peers` listener, on its segment address
 VIP_POOL_V4 = "203.0.113.10-203.0.113.50"
 VIP_POOL_V6 = "2001:db8:0:cafe::a-2001:db8:0:cafe::32"
 BGP_POOLS = f"""
@@ -495,7 +494,7 @@ class BgpLab(NetworkLab):
       asn: {ROUTER_ASN}{password}
       bfd: {{receiveIntervalMs: {BFD_INTERVAL_MS}, transmitIntervalMs: {BFD_INTERVAL_MS},
              detectMultiplier: {BFD_MULTIPLIER}}}""" for address in (ROUTER_V4, ROUTER_V6))
-        table_peers = "".join(f'\n    - {{name: {a.name}, address: "{a.ipv4}:{STICK_TABLE_PORT}"}}'
+        table_peers = "".join(f'\n    - {{name: {a.name}, address: "{a.ipv4}:{PEERS_PORT}"}}'
                               for a in self.appliances)
         text = f"""
 name: {box}

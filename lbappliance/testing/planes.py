@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lbappliance.core.config import ApplianceConfig, load_pools, parse_config
+from lbappliance.core.config import PEERS_PORT, ApplianceConfig, load_pools, parse_config
 from lbappliance.core.models import DesiredState, Node, Service, ServicePort
 from lbappliance.core.plan import Snapshot, desired_state
 from lbappliance.edges.apply import DataPlane
@@ -64,7 +64,7 @@ def plane_config(workdir: Path, box: str, *, priority: int, dual: bool = False, 
         extra_vrrp = f'  unicastSrcIp6: "{src6}"\n  unicastPeers6: ["{peer6}"]\n{extra_vrrp}'
     peers = " []"
     if shared_tables:
-        peers = "".join(f'\n    - {{name: {b}, address: "{OWN[b][0]}:10000"}}' for b in sorted(OWN))
+        peers = "".join(f'\n    - {{name: {b}, address: "{OWN[b][0]}:{PEERS_PORT}"}}' for b in sorted(OWN))
     return parse_config(f"""
 name: {box if shared_tables else "lab"}
 processMode: managed

@@ -173,6 +173,18 @@ def lab_available() -> None:
         pytest.skip(f"network lab unavailable: {reason}")
 
 
+@pytest.fixture(scope="session")
+def frr_available() -> None:
+    """FRR (bgpd, bfdd, zebra, vtysh) for the BGP lab: skip locally without it, fail in CI."""
+    from lbappliance.testing.bgplab import frr_unavailable_reason
+
+    reason = frr_unavailable_reason()
+    if reason:
+        if _in_ci():
+            pytest.fail(f"FRR unavailable in CI: {reason}", pytrace=False)
+        pytest.skip(f"FRR unavailable: {reason}")
+
+
 # A dual-stack Service range: the session control plane's is IPv4-only.
 DUAL_SERVICE_CIDRS = "10.96.0.0/16,2001:db8:ffff::/108"
 

@@ -125,7 +125,7 @@ def test_each_other_stick_table_peer_is_checked_and_a_silent_one_names_the_port(
     config = parse_config("name: lb1\nhaproxy:\n  peers:\n    - {name: lb1, address: '192.0.2.2:10000'}\n"
                           "    - {name: lb2, address: '192.0.2.3:10000'}\n    - {name: lb3, address: '192.0.2.4:10000'}\n",
                           "c.yaml")
-    assert table_peers_to_probe(config) == {"lb2": "192.0.2.3:10000", "lb3": "192.0.2.4:10000"}  # not itself
+    assert table_peers_to_probe(config) == {"lb2": ("192.0.2.3", 10000), "lb3": ("192.0.2.4", 10000)}  # not itself
     checks = table_peer_checks(config, {"lb2": (True, "192.0.2.3:10000 accepts connections"),
                                         "lb3": (False, "192.0.2.4:10000: Connection refused")})
     assert [(c.name, c.verdict) for c in checks] == [("stick-table peer lb2", doctor.Verdict.OK),
