@@ -51,9 +51,23 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 
 def alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie; another user's process counts (it exists)."""
+    """True while the process exists and is not a zombie; another user's process counts (it exists).
+
+    /proc tells zombies apart, but a sandbox may hide entries there: under systemd's
+    ProtectProc=invisible the daemon cannot see HAProxy (it holds CAP_NET_BIND_SERVICE, so it is
+    not dumpable) nor root's keepalived. Signal 0 still answers for those, and they are not our
+    children, so they cannot be our zombies.
+    """
     fields = _stat_fields(pid)
-    return fields is not None and fields[0] != "Z"
+    if fields is not None:
+        return fields[0] != "Z"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
 
 
 def start_time(pid: int) -> int | None:

@@ -228,7 +228,8 @@ if [ "$ks" = active ]; then
     fi
 fi
 waiting=$(grep -c "API unreachable" <<<"$journal" || true)
-problems=$(grep -E "Traceback|reconcile pass failed|invalid configuration|Error|error:" <<<"$journal" | grep -v "API unreachable" || true)
+# Any ERROR line counts: the daemon's "apply failed" once passed here as "waiting for the cluster".
+problems=$(grep -E "Traceback|reconcile pass failed|invalid configuration|Error|error:| ERROR | CRITICAL " <<<"$journal" | grep -v "API unreachable" || true)
 if [ "$s" = active ] && [ -z "$problems" ]; then
     ok "lbappliance.service active (READY=1 sent; $waiting 'API unreachable' lines: serving what is known)"
 elif [ "$s" = activating ] && [ "$waiting" -gt 0 ] && [ -z "$problems" ]; then
