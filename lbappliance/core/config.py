@@ -204,12 +204,8 @@ class StickTablePeer(_Strict):
     address: str  # ADDRESS:PORT that box's HAProxy listens on for table updates
 
     @property
-    def host(self) -> IPAddress:
-        return canonical.address_and_port(self.address)[0]
-
-    @property
-    def port(self) -> int:
-        return canonical.address_and_port(self.address)[1]
+    def endpoint(self) -> tuple[IPAddress, int]:
+        return canonical.address_and_port(self.address)
 
     @field_validator("name")
     @classmethod
@@ -347,7 +343,7 @@ class ApplianceConfig(_Strict):
         raw = [v.unicast_src_ip, v.unicast_src_ip6, *v.unicast_peers, *v.unicast_peers6]
         if self.announce.mode == "bgp" and self.announce.bgp is not None:
             raw += [self.announce.bgp.router_id, *(p.address for p in self.announce.bgp.peers)]
-        found = [canonical.address(a) for a in raw if a] + [p.host for p in self.haproxy.peers]
+        found = [canonical.address(a) for a in raw if a] + [p.endpoint[0] for p in self.haproxy.peers]
         return tuple(dict.fromkeys(found)) + v.anchors()
 
 

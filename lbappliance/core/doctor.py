@@ -365,7 +365,8 @@ def vrrp_checks(config: ApplianceConfig, reachable: Mapping[str, bool]) -> list[
 
 def table_peers_to_probe(config: ApplianceConfig) -> dict[str, tuple[str, int]]:
     """The other boxes this one shares stick tables with: name -> (address, port)."""
-    return {p.name: (str(p.host), p.port) for p in config.haproxy.peers if p.name != config.name}
+    others = (p for p in config.haproxy.peers if p.name != config.name)
+    return {p.name: (str(p.endpoint[0]), p.endpoint[1]) for p in others}
 
 
 def table_peer_checks(config: ApplianceConfig, results: Mapping[str, tuple[bool, str]]) -> list[Check]:

@@ -66,7 +66,7 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # exists, another user's
+        pass  # it exists: another user's
     return True
 
 

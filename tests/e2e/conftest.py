@@ -26,8 +26,11 @@ RBAC_MANIFEST = REPO_ROOT / "deploy" / "rbac.yaml"
 FIELD_MANAGER = "lbappliance-e2e"
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() == "true"
+def skip_or_fail(reason: str) -> None:
+    """Skip locally, fail in CI: the e2e tier must really run there."""
+    if os.environ.get("CI", "").strip().lower() == "true":
+        pytest.fail(f"{reason} (CI=true, so this is a failure, not a skip)", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
@@ -37,10 +40,7 @@ def control_plane_bin() -> Path:
     try:
         return find_binaries(REPO_ROOT)
     except ControlPlaneError as exc:
-        msg = f"real control plane unavailable (kube-apiserver/etcd could not be built or found): {exc}"
-        if _in_ci():
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
+        skip_or_fail(f"real control plane unavailable (kube-apiserver/etcd could not be built or found): {exc}")
 
 
 @pytest.fixture(scope="session")
@@ -166,11 +166,8 @@ def lab_available() -> None:
     """Network namespaces need root: skip locally without them, fail in CI."""
     from lbappliance.testing.netlab import lab_unavailable_reason
 
-    reason = lab_unavailable_reason()
-    if reason:
-        if _in_ci():
-            pytest.fail(f"network lab unavailable in CI: {reason}", pytrace=False)
-        pytest.skip(f"network lab unavailable: {reason}")
+    if reason := lab_unavailable_reason():
+        skip_or_fail(f"network lab unavailable: {reason}")
 
 
 @pytest.fixture(scope="session")
@@ -178,11 +175,8 @@ def frr_available() -> None:
     """FRR (bgpd, bfdd, zebra, vtysh) for the BGP lab: skip locally without it, fail in CI."""
     from lbappliance.testing.bgplab import frr_unavailable_reason
 
-    reason = frr_unavailable_reason()
-    if reason:
-        if _in_ci():
-            pytest.fail(f"FRR unavailable in CI: {reason}", pytrace=False)
-        pytest.skip(f"FRR unavailable: {reason}")
+    if reason := frr_unavailable_reason():
+        skip_or_fail(f"FRR unavailable: {reason}")
 
 
 # A dual-stack Service range: the session control plane's is IPv4-only.

@@ -26,7 +26,7 @@ import yaml
 from kubernetes import client
 
 from lbappliance.edges.processes import stop_child
-from tests.e2e.conftest import RBAC_MANIFEST, _in_ci
+from tests.e2e.conftest import RBAC_MANIFEST, skip_or_fail
 
 pytestmark = pytest.mark.e2e
 KCM = "kube-controller-manager"
@@ -73,10 +73,7 @@ def csr_signer(control_plane: Any, bin_dir: Path, work: Path) -> Iterator[bool]:
 def signer(control_plane: Any, control_plane_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     with csr_signer(control_plane, control_plane_bin, tmp_path_factory.mktemp("kcm")) as running:
         if not running:
-            message = f"{KCM} not built: the client-certificate path of enroll cannot be signed"
-            if _in_ci():
-                pytest.fail(message, pytrace=False)
-            pytest.skip(message)
+            skip_or_fail(f"{KCM} not built: the client-certificate path of enroll cannot be signed")
         yield
 
 

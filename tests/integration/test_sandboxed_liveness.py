@@ -18,7 +18,6 @@ import ctypes
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ import pytest
 
 from lbappliance.edges.haproxy import HAProxy
 from lbappliance.edges.processes import alive, stop_child
+from lbappliance.testing.controlplane import free_port
 
 from .conftest import skip_or_fail
 
@@ -75,12 +75,6 @@ def hidden_in_sandbox(pid: int) -> bool:
     answer, ran = seen_from_sandbox(lambda: not Path(f"/proc/{pid}").exists())
     assert ran, "could not enter the sandbox (unshare/mount/setresuid)"
     return answer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
